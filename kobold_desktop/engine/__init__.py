@@ -1,0 +1,1 @@
+"""Model loading and generation (no Qt)."""

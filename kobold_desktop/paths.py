@@ -1,0 +1,63 @@
+"""Where the app keeps its files.
+
+User data (stories, the user's soft prompts), config (settings) and cache live in the
+platformdirs folders. ``KOBOLD_DESKTOP_HOME`` puts all three under one folder instead,
+which tests use and which portable mode builds on. Bundled files (the demo model, the
+example soft prompts) sit beside the package, or in the PyInstaller bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import platformdirs
+
+from kobold_desktop import APP_ID
+
+HOME_ENV = "KOBOLD_DESKTOP_HOME"
+
+
+def _home_override() -> Path | None:
+    value = os.environ.get(HOME_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def user_data_dir() -> Path:
+    home = _home_override()
+    return home / "data" if home else Path(platformdirs.user_data_dir(APP_ID, appauthor=False))
+
+
+def user_config_dir() -> Path:
+    home = _home_override()
+    return home / "config" if home else Path(platformdirs.user_config_dir(APP_ID, appauthor=False))
+
+
+def user_cache_dir() -> Path:
+    home = _home_override()
+    return home / "cache" if home else Path(platformdirs.user_cache_dir(APP_ID, appauthor=False))
+
+
+def user_softprompt_dir(create: bool = True) -> Path:
+    """The user's own soft prompt folder; imports and dropped files land here."""
+    folder = user_data_dir() / "softprompts"
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def bundle_root() -> Path:
+    """The folder holding `softprompts/` and `assets/` (the repo root, or the bundle)."""
+    frozen_root = getattr(sys, "_MEIPASS", None)
+    if frozen_root:
+        return Path(frozen_root)
+    return Path(__file__).resolve().parent.parent
+
+
+def bundled_softprompt_dir() -> Path:
+    return bundle_root() / "softprompts"
+
+
+def demo_model_dir() -> Path:
+    return bundle_root() / "assets" / "demo-model"

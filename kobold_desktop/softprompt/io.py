@@ -1,0 +1,144 @@
+"""One entry point for every format: describe, load, check against a model, convert."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kobold_desktop.softprompt import kobold_zip, mkultra, peft_dir
+from kobold_desktop.softprompt.errors import (
+    DestinationExistsError,
+    HiddenSizeMismatchError,
+    NotFoundError,
+    UnsupportedFormatError,
+)
+from kobold_desktop.softprompt.types import DEFAULT_LIMITS, Limits, Metadata, SoftPrompt
+
+ZIP_SUFFIX = ".zip"
+
+
+def _kind(path: Path) -> str:
+    if not path.exists():
+        raise NotFoundError("does not exist.", path)
+    if path.is_dir():
+        if peft_dir.is_peft_dir(path):
+            return "peft"
+        raise UnsupportedFormatError(
+            "is a folder without adapter_config.json, so it is not a PEFT adapter.", path
+        )
+    if path.suffix.lower() == ".json":
+        return "mkultra"
+    if path.suffix.lower() == ZIP_SUFFIX:
+        return "zip"
+    with open(path, "rb") as handle:
+        if handle.read(4) == b"PK\x03\x04":
+            return "zip"
+    raise UnsupportedFormatError(
+        "is not a soft prompt: expected a KoboldAI .zip, a PEFT prompt-tuning folder or an "
+        "mkultra .json file.",
+        path,
+    )
+
+
+def describe_softprompt(path: Path | str, limits: Limits = DEFAULT_LIMITS) -> SoftPrompt:
+    """Describe a soft prompt from its headers (cheap; the tensor is not decompressed).
+
+    mkultra files have no header to read, so they are fully loaded.
+    """
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "zip":
+        return kobold_zip.describe(path, limits)
+    if kind == "peft":
+        return peft_dir.describe(path, limits)
+    return mkultra.load(path, limits)[0]
+
+
+def load_softprompt(
+    path: Path | str, limits: Limits = DEFAULT_LIMITS
+) -> tuple[SoftPrompt, torch.Tensor]:
+    """Read and fully validate a soft prompt: the description and its tensor."""
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "zip":
+        return kobold_zip.load(path, limits)
+    if kind == "peft":
+        return peft_dir.load(path, limits)
+    return mkultra.load(path, limits)
+
+
+@dataclass(frozen=True)
+class Compatibility:
+    ok: bool
+    reason: str = ""
+    warnings: tuple[str, ...] = ()
+
+
+def _model_matches(supported: str, model_name: str) -> bool:
+    def norm(name: str) -> str:
+        return name.strip().rstrip("/").lower()
+
+    a, b = norm(supported), norm(model_name)
+    return a == b or a.rsplit("/", 1)[-1] == b.rsplit("/", 1)[-1]
+
+
+def check_compatibility(
+    softprompt: SoftPrompt, hidden_size: int | None, model_name: str | None = None
+) -> Compatibility:
+    """Whether a soft prompt fits a model: hidden size must match; `supported` only warns."""
+    if hidden_size is not None and softprompt.hidden_size != hidden_size:
+        return Compatibility(
+            False,
+            f"made for a model with hidden size {softprompt.hidden_size}; this model has "
+            f"{hidden_size}",
+        )
+    warnings: tuple[str, ...] = ()
+    if model_name and softprompt.supported:
+        if not any(_model_matches(s, model_name) for s in softprompt.supported):
+            warnings = (
+                f"made for {', '.join(softprompt.supported)}, not {model_name}; it may work "
+                "poorly with this model.",
+            )
+    return Compatibility(True, warnings=warnings)
+
+
+def require_compatible(
+    softprompt: SoftPrompt, hidden_size: int, model_name: str | None = None
+) -> tuple[str, ...]:
+    """Raise `HiddenSizeMismatchError` if it cannot work; return the warnings otherwise."""
+    result = check_compatibility(softprompt, hidden_size, model_name)
+    if not result.ok:
+        raise HiddenSizeMismatchError(result.reason + ".", softprompt.path)
+    return result.warnings
+
+
+def metadata_of(softprompt: SoftPrompt) -> Metadata:
+    """The soft prompt's metadata as it should be written to another format."""
+    meta = Metadata.from_mapping(softprompt.meta)
+    return Metadata(
+        name=softprompt.name,
+        authors=softprompt.authors,
+        description=softprompt.description,
+        supported=softprompt.supported,
+        raw=meta.raw,
+    )
+
+
+def convert(src: Path | str, dst: Path | str, limits: Limits = DEFAULT_LIMITS) -> SoftPrompt:
+    """Convert between formats without loss: `dst` ending in .zip is a KoboldAI zip,
+    anything else becomes a PEFT adapter folder. Never overwrites `dst`."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise DestinationExistsError("already exists; choose a new name.", dst)
+    softprompt, tensor = load_softprompt(src, limits)
+    meta = metadata_of(softprompt)
+    if dst.suffix.lower() == ZIP_SUFFIX:
+        try:
+            kobold_zip.write(dst, tensor, meta, overwrite=False)
+        except FileExistsError as exc:
+            raise DestinationExistsError("already exists; choose a new name.", dst) from exc
+    else:
+        peft_dir.write(dst, tensor, meta)
+    return describe_softprompt(dst, limits)

@@ -1,0 +1,317 @@
+"""The soft prompts the app knows: the user's folder plus the bundled examples.
+
+Scanning reads only headers and is cached by (size, mtime), so refreshing after a
+change re-reads only what changed. Imports validate first and then copy the zip (never
+extracted) or the PEFT folder in under a safe, unique name; nothing is ever
+overwritten. Names a user typed are never joined onto a folder as given.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from kobold_desktop import paths
+from kobold_desktop.fileio import publish, staged_dir, staged_file
+from kobold_desktop.settings import Settings
+from kobold_desktop.softprompt import kobold_zip, peft_dir
+from kobold_desktop.softprompt.errors import (
+    DestinationExistsError,
+    NotFoundError,
+    SoftPromptError,
+)
+from kobold_desktop.softprompt.io import (
+    Compatibility,
+    check_compatibility,
+    describe_softprompt,
+    load_softprompt,
+    metadata_of,
+)
+from kobold_desktop.softprompt.types import DEFAULT_LIMITS, Limits, SoftPrompt, SoftPromptFormat
+
+SELECTION_KEY = "softprompt.selected"
+
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(1, 10)} | {
+    f"lpt{i}" for i in range(1, 10)
+}
+_UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+
+
+def safe_stem(name: str, fallback: str = "softprompt") -> str:
+    """A file name stem that is the same on every OS and can never leave its folder."""
+    stem = unicodedata.normalize("NFC", name)
+    stem = _UNSAFE_CHARS.sub("_", stem)
+    stem = re.sub(r"\.{2,}", ".", stem)
+    stem = stem.strip(" .")[:100].strip(" .")
+    if stem.lower().endswith(".zip"):
+        stem = stem[:-4].rstrip(" .")
+    if not stem or stem.split(".")[0].lower() in _WINDOWS_RESERVED:
+        stem = f"{stem}_" if stem else fallback
+    return stem
+
+
+@dataclass(frozen=True)
+class LibraryEntry:
+    """One file or folder in a library folder: a soft prompt, or why it is not one."""
+
+    path: Path
+    folder: Path
+    writable: bool
+    softprompt: SoftPrompt | None = None
+    error: SoftPromptError | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.softprompt is not None
+
+    @property
+    def name(self) -> str:
+        return self.softprompt.name if self.softprompt else self.path.name
+
+    @property
+    def file_name(self) -> str:
+        return self.path.name
+
+    def compatibility(self, hidden_size: int | None, model_name: str | None = None) -> Compatibility:
+        if self.softprompt is None:
+            return Compatibility(False, self.error.reason if self.error else "unreadable")
+        return check_compatibility(self.softprompt, hidden_size, model_name)
+
+    def to_dict(self) -> dict:
+        data = self.softprompt.to_dict() if self.softprompt else {"name": self.name, "path": str(self.path), "file": self.file_name}
+        data["writable"] = self.writable
+        data["valid"] = self.valid
+        if self.error is not None:
+            data["error"] = self.error.reason
+        return data
+
+
+def _is_candidate(path: Path) -> bool:
+    if path.name.startswith("."):
+        return False  # hidden files, and our own half-written `.name.part` files
+    if path.is_dir():
+        return peft_dir.is_peft_dir(path)
+    return path.suffix.lower() in (".zip", ".json")
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """Size and newest mtime: changes whenever the soft prompt's content can have."""
+    if path.is_dir():
+        stats = [p.stat() for p in path.iterdir() if p.is_file()]
+        return (sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0))
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+class SoftPromptLibrary:
+    """Soft prompts from the user's folder (writable) and read-only extra folders."""
+
+    def __init__(
+        self,
+        user_folder: Path | None = None,
+        extra_folders: Sequence[Path] | None = None,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        settings: Settings | None = None,
+    ):
+        self.user_folder = Path(user_folder) if user_folder else paths.user_softprompt_dir()
+        self.user_folder.mkdir(parents=True, exist_ok=True)
+        if extra_folders is None:
+            extra_folders = [paths.bundled_softprompt_dir()]
+        self.extra_folders = [Path(f) for f in extra_folders]
+        self.limits = limits
+        self._settings = settings
+        self._cache: dict[Path, tuple[tuple[int, int], LibraryEntry]] = {}
+        self._entries: list[LibraryEntry] = []
+
+    @property
+    def folders(self) -> list[Path]:
+        seen: list[Path] = []
+        for folder in [self.user_folder, *self.extra_folders]:
+            if folder.resolve() not in [s.resolve() for s in seen]:
+                seen.append(folder)
+        return seen
+
+    @property
+    def entries(self) -> list[LibraryEntry]:
+        """The result of the last scan (scan first)."""
+        return list(self._entries)
+
+    def scan(self) -> list[LibraryEntry]:
+        """List every soft prompt in the folders, reading only what changed since last time."""
+        fresh: dict[Path, tuple[tuple[int, int], LibraryEntry]] = {}
+        for folder in self.folders:
+            writable = folder.resolve() == self.user_folder.resolve()
+            try:
+                candidates = sorted(p for p in folder.iterdir() if _is_candidate(p))
+            except OSError:
+                continue  # a missing bundled folder is not an error
+            for path in candidates:
+                try:
+                    stamp = _stamp(path)
+                except OSError:
+                    continue  # deleted while we looked
+                cached = self._cache.get(path)
+                if cached and cached[0] == stamp:
+                    fresh[path] = cached
+                    continue
+                try:
+                    entry = LibraryEntry(path, folder, writable, describe_softprompt(path, self.limits))
+                except SoftPromptError as exc:
+                    entry = LibraryEntry(path, folder, writable, error=exc)
+                fresh[path] = (stamp, entry)
+        self._cache = fresh
+        self._entries = sorted(
+            (entry for _, entry in fresh.values()),
+            key=lambda e: (not e.writable, e.name.casefold(), e.file_name),
+        )
+        return self.entries
+
+    refresh = scan
+
+    def find(self, name_or_path: str | Path) -> LibraryEntry:
+        """A soft prompt by path, by name, or by file name (case-insensitive)."""
+        if not self._entries:
+            self.scan()
+        candidate = Path(name_or_path)
+        for entry in self._entries:
+            if candidate.exists() and entry.path.resolve() == candidate.resolve():
+                return entry
+        wanted = str(name_or_path).casefold()
+        for key in (
+            lambda e: e.name.casefold(),
+            lambda e: e.file_name.casefold(),
+            lambda e: e.path.stem.casefold(),
+        ):
+            for entry in self._entries:
+                if key(entry) == wanted:
+                    return entry
+        raise NotFoundError(
+            f"no soft prompt named '{name_or_path}' in {', '.join(str(f) for f in self.folders)}."
+        )
+
+    # -- changing the user's folder ------------------------------------------------------
+
+    def _unique_path(self, stem: str, suffix: str) -> Path:
+        stem = safe_stem(stem)
+        candidate = self.user_folder / f"{stem}{suffix}"
+        counter = 2
+        while candidate.exists():
+            candidate = self.user_folder / f"{stem} ({counter}){suffix}"
+            counter += 1
+        return candidate
+
+    def _entry_for(self, path: Path) -> LibraryEntry:
+        self.scan()
+        for entry in self._entries:
+            if entry.path == path:
+                return entry
+        raise NotFoundError("vanished right after it was written.", path)
+
+    def import_path(self, source: Path | str) -> LibraryEntry:
+        """Validate `source` fully, then copy it into the user's folder.
+
+        KoboldAI zips are copied byte for byte (never extracted), PEFT folders keep only
+        their config and weights, mkultra JSON becomes a KoboldAI zip (no pickles kept).
+        """
+        source = Path(source)
+        softprompt, tensor = load_softprompt(source, self.limits)
+        stem = source.stem if source.is_file() else source.name
+        for _attempt in range(100):
+            try:
+                if softprompt.format is SoftPromptFormat.KOBOLDAI_ZIP:
+                    dest = self._unique_path(stem, ".zip")
+                    with staged_file(dest) as tmp:
+                        shutil.copyfile(source, tmp)
+                        publish(tmp, dest, overwrite=False)
+                elif softprompt.format is SoftPromptFormat.PEFT:
+                    dest = self._unique_path(stem, "")
+                    with staged_dir(dest) as tmp:
+                        for name in (peft_dir.CONFIG_NAME, peft_dir.SAFETENSORS_NAME, peft_dir.BIN_NAME):
+                            if (source / name).is_file():
+                                shutil.copyfile(source / name, tmp / name)
+                        publish(tmp, dest, overwrite=False)
+                else:
+                    dest = self._unique_path(stem, ".zip")
+                    kobold_zip.write(dest, tensor, metadata_of(softprompt), overwrite=False)
+            except FileExistsError:
+                continue  # another process took the name between our check and the write
+            return self._entry_for(dest)
+        raise DestinationExistsError("could not find a free file name.", source)
+
+    def import_paths(self, sources: Iterable[Path | str]) -> tuple[list[LibraryEntry], list[SoftPromptError]]:
+        """Import each source; one bad file never stops the others."""
+        imported, rejected = [], []
+        for source in sources:
+            try:
+                imported.append(self.import_path(source))
+            except SoftPromptError as exc:
+                rejected.append(exc)
+        return imported, rejected
+
+    def _require_writable(self, entry: LibraryEntry) -> None:
+        if not entry.writable or entry.path.parent.resolve() != self.user_folder.resolve():
+            raise SoftPromptError(
+                "is one of the bundled examples and cannot be changed; import a copy first.",
+                entry.path,
+            )
+
+    def rename(self, entry: LibraryEntry, new_name: str) -> LibraryEntry:
+        """Give a soft prompt in the user's folder a new file name (made safe and unique)."""
+        self._require_writable(entry)
+        suffix = entry.path.suffix if entry.path.is_file() else ""
+        dest = self._unique_path(new_name, suffix)
+        try:
+            publish(entry.path, dest, overwrite=False)
+        except FileExistsError as exc:
+            raise DestinationExistsError("already exists; choose another name.", dest) from exc
+        if self._selected_path() == entry.path:
+            self._store_selection(dest)
+        return self._entry_for(dest)
+
+    def delete(self, entry: LibraryEntry) -> None:
+        """Remove a soft prompt from the user's folder (bundled ones cannot be deleted)."""
+        self._require_writable(entry)
+        if entry.path.is_dir():
+            shutil.rmtree(entry.path)
+        else:
+            entry.path.unlink(missing_ok=True)
+        if self._selected_path() == entry.path:
+            self._store_selection(None)
+        self.scan()
+
+    # -- the remembered selection ----------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = Settings()
+        return self._settings
+
+    def _selected_path(self) -> Path | None:
+        value = self.settings.get(SELECTION_KEY)
+        return Path(value) if isinstance(value, str) else None
+
+    def _store_selection(self, path: Path | None) -> None:
+        self.settings.set(SELECTION_KEY, str(path) if path else None)
+
+    def remember_selection(self, entry: LibraryEntry | None) -> None:
+        """Remember the chosen soft prompt (None for "[None]") across restarts."""
+        self._store_selection(entry.path if entry else None)
+
+    def remembered_selection(self) -> LibraryEntry | None:
+        """The remembered soft prompt, if it is still in the library and readable."""
+        path = self._selected_path()
+        if path is None:
+            return None
+        if not self._entries:
+            self.scan()
+        for entry in self._entries:
+            if entry.path == path and entry.valid:
+                return entry
+        return None

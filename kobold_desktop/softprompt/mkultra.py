@@ -1,0 +1,135 @@
+"""mkultra's JSON soft prompts: `{"metadata": {...}, "tensor": base64(pickle(tensor))}`.
+
+A pickle can run any code, so we never hand it to `pickle.loads`. A restricted
+unpickler resolves only the three names a pickled torch tensor uses; the storage bytes
+inside go through `torch.load(weights_only=True)`. Anything else in the stream (a
+call to `os.system`, say) is refused before it runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import io
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kobold_desktop.softprompt.checks import check_finite, check_shape, check_token_limit
+from kobold_desktop.softprompt.errors import (
+    BadDtypeError,
+    CorruptFileError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+)
+from kobold_desktop.softprompt.types import (
+    DEFAULT_LIMITS,
+    Limits,
+    Metadata,
+    SoftPrompt,
+    SoftPromptFormat,
+)
+
+MAX_FILE_BYTES = 256 << 20
+
+
+def _load_storage_bytes(data: bytes) -> Any:
+    # torch pickles a storage as the bytes of a (legacy) torch.save; weights_only
+    # restricts that inner load to tensors and plain containers.
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+_ALLOWED = {
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+}
+
+
+class _TensorOnlyUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, path: Path):
+        super().__init__(io.BytesIO(data))
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafeFileError(
+                f"its pickled tensor refers to '{module}.{name}', which a soft prompt never "
+                "needs; it may be malicious, so it was not unpickled.",
+                self._path,
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeFileError("its pickled tensor uses persistent ids; refused.", self._path)
+
+
+def looks_like_mkultra(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".json"
+
+
+def load(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[SoftPrompt, torch.Tensor]:
+    """Read an mkultra file safely; its tensor is always fully validated."""
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise CorruptFileError("is too large to be an mkultra soft prompt.", path)
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnsupportedFormatError(
+            f"is not readable JSON ({exc}), so it is not an mkultra soft prompt.", path
+        ) from exc
+    if not isinstance(document, dict) or not isinstance(document.get("tensor"), str):
+        raise UnsupportedFormatError(
+            "is JSON without a 'tensor' field, so it is not an mkultra soft prompt.", path
+        )
+    try:
+        raw = base64.b64decode(document["tensor"].encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise CorruptFileError("its 'tensor' field is not valid base64.", path) from exc
+    try:
+        tensor = _TensorOnlyUnpickler(raw, path).load()
+    except UnsafeFileError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise UnsafeFileError(
+            f"its pickled tensor holds something other than plain tensors ({exc}); refused.",
+            path,
+        ) from exc
+    except (EOFError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
+        raise CorruptFileError(f"its pickled tensor is damaged ({exc}).", path) from exc
+    if not isinstance(tensor, torch.Tensor):
+        raise UnsupportedFormatError("its 'tensor' field does not hold a tensor.", path)
+    tensor = tensor.detach()
+    # mkultra keeps the batch dimension of `inputs_embeds`: [1, n_tokens, hidden].
+    while tensor.dim() > 2 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    check_shape(tuple(tensor.shape), path)
+    if not tensor.is_floating_point():
+        raise BadDtypeError(f"its tensor holds {tensor.dtype} values, not floats.", path)
+    if tensor.dtype == torch.float64:
+        tensor = tensor.to(torch.float32)
+    tensor = tensor.contiguous()
+    check_token_limit(tensor.shape[0], path, limits)
+    check_finite(tensor, path)
+    meta_raw = document.get("metadata")
+    meta = Metadata.from_mapping(meta_raw if isinstance(meta_raw, dict) else {})
+    softprompt = SoftPrompt(
+        path=path,
+        format=SoftPromptFormat.MKULTRA_JSON,
+        name=meta.name or path.stem,
+        n_tokens=tensor.shape[0],
+        hidden_size=tensor.shape[1],
+        dtype=str(tensor.dtype).removeprefix("torch."),
+        compression="pickle",
+        authors=meta.authors,
+        description=meta.description,
+        supported=meta.supported,
+        meta=meta.raw,
+    )
+    return softprompt, tensor
