@@ -1,8 +1,72 @@
-"""Tiny random models for tests: built from a transformers config, never downloaded."""
+"""Tiny random models for tests: built from transformers configs, never downloaded."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+CORPUS = [
+    "Once upon a time there was a little dragon who lived in a cave by the sea.",
+    "The knight rode through the dark forest, and the wind howled in the trees.",
+    "In the beginning God created the heaven and the earth.",
+    "She opened the door and saw the café was empty; a naïve smile crossed her face.",
+    "日本語の文章もあります。 Ünïcödé characters: ß, ø, é, 🐉 and ✨ appear too.",
+    "He said: \"We shall go north at dawn,\" and the others agreed.",
+] * 4
+
+ARCHITECTURES = ("gpt2", "llama", "gpt_neox", "opt", "bloom")
+
+
+def tiny_tokenizer(add_bos: bool = False):
+    """A byte-level BPE tokenizer (like GPT-2's) trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<s>")
+
+
+def tiny_config(arch: str, vocab_size: int, hidden: int = 32):
+    from transformers import BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
+
+    common = dict(vocab_size=vocab_size, eos_token_id=0, bos_token_id=1, initializer_range=0.2)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=256, **common)
+    if arch == "opt":
+        return OPTConfig(hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=256, word_embed_proj_dim=hidden, pad_token_id=2, **common)
+    if arch == "bloom":
+        return BloomConfig(hidden_size=hidden, n_layer=2, n_head=4, **common)
+    raise ValueError(arch)
+
+
+def build_tiny_model(folder: Path, arch: str = "gpt2", hidden: int = 32, seed: int = 0, add_bos: bool | None = None) -> Path:
+    """Save a tiny random model and its tokenizer to `folder`; Llama's adds BOS."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer(add_bos=(arch == "llama") if add_bos is None else add_bos)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), hidden))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def tiny_gpt2(folder: Path | None = None, hidden: int = 32, seed: int = 0):

@@ -1,0 +1,187 @@
+"""The engine: one loaded model, the active soft prompt, and generation.
+
+Everything that uses the model (the window's worker thread, the server, the command
+line) goes through an `Engine`; its lock makes sure two generations never run on the
+model at once. Switching soft prompts never reloads the model.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from kobold_desktop.engine.errors import ModelError
+from kobold_desktop.engine.generate import (
+    GenerationResult,
+    StreamEvent,
+    collect,
+    stream_generate,
+)
+from kobold_desktop.engine.loader import LoadedModel, LoadOptions, Progress, load_model
+from kobold_desktop.engine.sampling import SamplingSettings
+from kobold_desktop.softprompt import (
+    DEFAULT_LIMITS,
+    Limits,
+    SoftPrompt,
+    load_softprompt,
+    require_compatible,
+)
+
+
+@dataclass(frozen=True)
+class ActiveSoftPrompt:
+    """Soft prompt rows ready for the model: cast to its dtype, on its input device."""
+
+    sources: tuple[SoftPrompt, ...]
+    tensor: torch.Tensor
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return " + ".join(s.name for s in self.sources)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tensor.shape[0])
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel | None = None, limits: Limits = DEFAULT_LIMITS):
+        self._loaded = loaded
+        self._softprompt: ActiveSoftPrompt | None = None
+        self.limits = limits
+        self.lock = threading.RLock()
+
+    # -- the model -------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> LoadedModel:
+        if self._loaded is None or self._loaded.model is None:
+            raise ModelError("no model is loaded; load one first.")
+        return self._loaded
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None and self._loaded.model is not None
+
+    def load(self, source: str | Path, options: LoadOptions = LoadOptions(), progress: Progress | None = None) -> LoadedModel:
+        """Load a model, replacing (and freeing) the current one. The soft prompt is kept
+        if it fits the new model, and dropped otherwise."""
+        with self.lock:
+            previous = self._softprompt
+            self.unload()
+            self._loaded = load_model(source, options, progress or (lambda m, f: None))
+            if previous is not None:
+                try:
+                    self.set_softprompts(previous.sources)
+                except ModelError:
+                    self._softprompt = None
+            return self._loaded
+
+    def unload(self) -> None:
+        with self.lock:
+            self._softprompt = None
+            if self._loaded is not None:
+                self._loaded.unload()
+            self._loaded = None
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.loaded.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        return self.loaded.context_length
+
+    # -- soft prompts ------------------------------------------------------------------
+
+    @property
+    def softprompt(self) -> ActiveSoftPrompt | None:
+        return self._softprompt
+
+    def prepare_softprompts(self, sources: Sequence[SoftPrompt | str | Path]) -> ActiveSoftPrompt | None:
+        """Load, check and cast soft prompts for this model without activating them.
+        Several are concatenated in order."""
+        if not sources:
+            return None
+        loaded = self.loaded
+        described, tensors, warnings = [], [], []
+        for source in sources:
+            path = source.path if isinstance(source, SoftPrompt) else Path(source)
+            softprompt, tensor = load_softprompt(path, self.limits)
+            warnings += require_compatible(softprompt, self.hidden_size, loaded.info.name)
+            described.append(softprompt)
+            tensors.append(tensor)
+        tensor = torch.cat([t.to(torch.float32) if t.dtype != tensors[0].dtype else t for t in tensors])
+        tensor = tensor.to(dtype=loaded.dtype, device=loaded.input_device)
+        if tensor.shape[0] >= self.context_length:
+            raise ModelError(
+                f"the soft prompt has {tensor.shape[0]} tokens, as many as the model's whole "
+                f"context ({self.context_length}); choose a shorter one."
+            )
+        return ActiveSoftPrompt(tuple(described), tensor, tuple(warnings))
+
+    def set_softprompts(self, sources: Sequence[SoftPrompt | str | Path]) -> ActiveSoftPrompt | None:
+        """Make these the active soft prompt (none: no soft prompt). On any error the
+        previous one stays active."""
+        prepared = self.prepare_softprompts(sources)
+        with self.lock:
+            self._softprompt = prepared
+        return prepared
+
+    def set_softprompt(self, source: SoftPrompt | str | Path | None) -> ActiveSoftPrompt | None:
+        return self.set_softprompts([] if source is None else [source])
+
+    # -- generating --------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def context_budget(self, settings: SamplingSettings, softprompt: ActiveSoftPrompt | None = None) -> int:
+        """Prompt tokens that fit: context length - max new tokens - soft prompt tokens."""
+        active = softprompt if softprompt is not None else self._softprompt
+        used = settings.max_new_tokens + (active.n_tokens if active else 0)
+        return self.context_length - used
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        settings: SamplingSettings = SamplingSettings(),
+        cancel: threading.Event | None = None,
+        softprompt: ActiveSoftPrompt | None | str = "active",
+    ) -> Iterator[StreamEvent]:
+        """Stream text chunks, then the result. The prompt is used verbatim: a string is
+        tokenized with the model's special tokens (BOS), a list of ids is used as is."""
+        with self.lock:
+            loaded = self.loaded
+            active = self._softprompt if softprompt == "active" else softprompt
+            prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            total = len(prompt_ids) + (active.n_tokens if active else 0) + settings.max_new_tokens
+            if total > self.context_length:
+                raise ModelError(
+                    f"the prompt ({len(prompt_ids)} tokens), soft prompt "
+                    f"({active.n_tokens if active else 0}) and max new tokens "
+                    f"({settings.max_new_tokens}) need {total} tokens; the model's context is "
+                    f"{self.context_length}."
+                )
+            yield from stream_generate(
+                loaded.model,
+                loaded.tokenizer,
+                prompt_ids,
+                active.tensor if active else None,
+                settings,
+                cancel,
+            )
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        settings: SamplingSettings = SamplingSettings(),
+        cancel: threading.Event | None = None,
+        softprompt: ActiveSoftPrompt | None | str = "active",
+    ) -> GenerationResult:
+        return collect(self.stream(prompt, settings, cancel, softprompt))

@@ -1,0 +1,121 @@
+"""Loading a causal language model and its tokenizer, and freeing them again."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kobold_desktop.engine.device import choose_device, choose_dtype
+from kobold_desktop.engine.errors import ModelError
+from kobold_desktop.engine.model_info import ModelInfo, read_model_info
+
+Progress = Callable[[str, float], None]  # (what is happening, fraction done 0..1)
+
+
+def _no_progress(message: str, fraction: float) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str | None = None  # "cuda", "cuda:1", "mps", "cpu"; None/"auto" chooses
+    dtype: str | None = None  # "float32", "float16", "bfloat16"; None/"auto" chooses
+    # Split layers between GPU and CPU ("breakmodel"): the most GPU memory to use, e.g.
+    # "6GiB". The rest of the layers stay in CPU memory.
+    max_gpu_memory: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: weights, tokenizer and what we know about them."""
+
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+    source: str
+    dtype: torch.dtype
+    device_map: dict[str, Any] | None = field(default=None)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where the input embeddings live (the first layer's device when split)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def context_length(self) -> int:
+        return self.info.context_length or 2048
+
+    @property
+    def device_label(self) -> str:
+        if self.device_map:
+            devices = sorted({str(d) for d in self.device_map.values()})
+            return "split: " + ", ".join(devices)
+        return str(self.input_device)
+
+    def unload(self) -> None:
+        """Drop the weights and give the memory back."""
+        self.model = None
+        self.tokenizer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or "\\" in source
+
+
+def load_model(
+    source: str | Path, options: LoadOptions = LoadOptions(), progress: Progress = _no_progress
+) -> LoadedModel:
+    """Load a local model folder (safetensors preferred) or a Hugging Face model id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(source)
+    if _is_local(source) and not Path(source).expanduser().is_dir():
+        raise ModelError(f"no model folder at '{source}'.")
+    if _is_local(source):
+        source = str(Path(source).expanduser())
+    progress("Reading the model's config", 0.05)
+    info = read_model_info(source, trust_remote_code=options.trust_remote_code)
+    device = choose_device(options.device)
+    dtype = choose_dtype(device, options.dtype)
+
+    progress("Loading the tokenizer", 0.15)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"cannot load the tokenizer of '{source}': {str(exc).splitlines()[0]}") from exc
+
+    progress(f"Loading the weights ({str(dtype).removeprefix('torch.')}, {device})", 0.3)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": options.trust_remote_code,
+        "low_cpu_mem_usage": True,
+    }
+    if options.max_gpu_memory and device.type == "cuda":
+        index = device.index or 0
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {index: options.max_gpu_memory, "cpu": "1024GiB"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the model '{source}': {str(exc).splitlines()[0]}") from exc
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelError(
+            "the model does not fit in GPU memory; set a GPU memory limit to split its layers "
+            "between the GPU and the CPU, or choose a smaller model."
+        ) from exc
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map is None:
+        progress(f"Moving the model to {device}", 0.85)
+        model = model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    progress("Ready", 1.0)
+    return LoadedModel(model, tokenizer, info, source, dtype, device_map)
