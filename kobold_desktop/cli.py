@@ -142,6 +142,90 @@ def cmd_softprompt_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _quiet_transformers() -> None:
+    """Progress bars and advice from transformers are noise on a command line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def resolve_model(model: str | None) -> str:
+    """The model to use: the one given, else the embedded demo model."""
+    from kobold_desktop import paths
+
+    if model:
+        return model
+    demo = paths.demo_model_dir()
+    if (demo / "config.json").is_file():
+        return str(demo)
+    raise UsageError(
+        "no --model given and the embedded demo model is not installed; pass --model with a "
+        "model folder or a Hugging Face id."
+    )
+
+
+def resolve_softprompt(name_or_path: str) -> Path:
+    """A soft prompt given as a path (zip, PEFT folder, mkultra .json) or a library name."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    from kobold_desktop.softprompt.library import SoftPromptLibrary
+
+    return SoftPromptLibrary().find(name_or_path).path
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kobold_desktop.engine import Engine, LoadOptions, SamplingSettings
+
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {exc}") from exc
+    else:
+        prompt = args.prompt
+    settings = SamplingSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        typical_p=args.typical_p,
+        repetition_penalty=args.repetition_penalty,
+        repetition_penalty_range=args.repetition_penalty_range,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    _quiet_transformers()
+    engine = Engine()
+    model = resolve_model(args.model)
+    print(f"Loading {model} ...", file=sys.stderr)
+    engine.load(model, LoadOptions(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code))
+    if args.softprompt:
+        active = engine.set_softprompts([resolve_softprompt(s) for s in args.softprompt])
+        for warning in active.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    result = None
+    for event in engine.stream(prompt, settings):
+        if hasattr(event, "finish_reason"):
+            result = event
+        elif not args.json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    assert result is not None
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        sys.stdout.write("\n")
+        print(
+            f"[{result.finish_reason}: {result.generated_tokens} tokens in {result.seconds:.2f} s, "
+            f"{result.tokens_per_second:.1f} tokens/s]",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kobold-desktop",
@@ -149,6 +233,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = commands.add_parser("generate", help="continue a prompt with the model")
+    g.add_argument("--model", metavar="M", help="model folder or Hugging Face id (default: the demo model)")
+    g.add_argument("--softprompt", action="append", metavar="PATH",
+                   help="a soft prompt zip, PEFT folder or library name (repeatable: concatenated)")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="the prompt, used verbatim")
+    source.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file, verbatim")
+    g.add_argument("--max-new-tokens", type=int, default=80, metavar="N")
+    g.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.9, metavar="P")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P")
+    g.add_argument("--typical-p", type=float, default=1.0, metavar="P")
+    g.add_argument("--repetition-penalty", type=float, default=1.1, metavar="R")
+    g.add_argument("--repetition-penalty-range", type=int, default=1024, metavar="N")
+    g.add_argument("--seed", type=int, metavar="S")
+    g.add_argument("--stop", action="append", metavar="STR", help="stop at this text (repeatable)")
+    g.add_argument("--device", metavar="D", help="cuda, cuda:1, mps or cpu (default: the best there is)")
+    g.add_argument("--dtype", metavar="T", help="float32, float16 or bfloat16 (default: by device)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model's own Python code to run (only for models you trust)")
+    g.add_argument("--json", action="store_true", help="print one JSON object with the result")
+    g.set_defaults(func=cmd_generate)
 
     sp = commands.add_parser("softprompt", help="list, inspect, import and convert soft prompts")
     sp_commands = sp.add_subparsers(dest="sp_command", metavar="ACTION", required=True)
