@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write stories with a local language model steered by soft prompts.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--model", metavar="PATH_OR_ID", help="the model to load in the window")
+    parser.add_argument("--softprompt", metavar="NAME_OR_PATH", help="the soft prompt to load in the window")
+    parser.add_argument("--screenshot", metavar="PNG", help="start the window, save it as PNG when ready, exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = commands.add_parser("generate", help="continue a prompt with the model")

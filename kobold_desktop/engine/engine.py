@@ -141,11 +141,12 @@ class Engine:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def context_budget(self, settings: SamplingSettings, softprompt: ActiveSoftPrompt | None = None) -> int:
-        """Prompt tokens that fit: context length - max new tokens - soft prompt tokens."""
-        active = softprompt if softprompt is not None else self._softprompt
-        used = settings.max_new_tokens + (active.n_tokens if active else 0)
-        return self.context_length - used
+    def context_budget(self, settings: SamplingSettings, context_limit: int | None = None) -> int:
+        """Prompt tokens that fit: context length (or a smaller limit the user set) minus
+        max new tokens minus the active soft prompt's tokens."""
+        active = self._softprompt
+        context = min(self.context_length, context_limit) if context_limit else self.context_length
+        return context - settings.max_new_tokens - (active.n_tokens if active else 0)
 
     def stream(
         self,

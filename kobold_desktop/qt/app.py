@@ -1,0 +1,87 @@
+"""Starting the window: `kobold-desktop [--model M] [--softprompt S] [--screenshot PNG]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kobold_desktop import APP_NAME, paths
+from kobold_desktop.errors import KoboldError
+from kobold_desktop.settings import Settings
+from kobold_desktop.softprompt.library import SoftPromptLibrary
+
+SCREENSHOT_TIMEOUT_MS = 300_000
+
+
+def startup_model(requested: str | None, settings: Settings) -> str | None:
+    """The model to load at start: the one asked for, the last one used, or the demo model."""
+    if requested:
+        return requested
+    last = settings.get("model.last")
+    if isinstance(last, str) and (Path(last).is_dir() or not Path(last).is_absolute()):
+        return last
+    demo = paths.demo_model_dir()
+    return str(demo) if (demo / "config.json").is_file() else None
+
+
+def startup_softprompt(requested: str | None, library: SoftPromptLibrary) -> Path | None:
+    if requested:
+        candidate = Path(requested).expanduser()
+        return candidate if candidate.exists() else library.find(requested).path
+    remembered = library.remembered_selection()
+    return remembered.path if remembered else None
+
+
+def run_window(args: argparse.Namespace) -> int:
+    from kobold_desktop.qt._qt import QApplication, QTimer
+    from kobold_desktop.qt.main_window import MainWindow
+    from kobold_desktop.qt.worker import ModelWorker
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName(APP_NAME)
+    settings = Settings()
+    library = SoftPromptLibrary(settings=settings)
+    window = MainWindow(ModelWorker(), library, settings)
+    window.restore_autosave()
+    window.show()
+
+    try:
+        softprompt = startup_softprompt(getattr(args, "softprompt", None), library)
+    except KoboldError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model = startup_model(getattr(args, "model", None), settings)
+    screenshot = getattr(args, "screenshot", None)
+    outcome = {"code": 0}
+
+    if screenshot:
+        def take_screenshot():
+            QTimer.singleShot(300, lambda: _save_and_quit(window, Path(screenshot), outcome))
+
+        window.ready.connect(take_screenshot)
+        QTimer.singleShot(SCREENSHOT_TIMEOUT_MS, lambda: (outcome.update(code=1), app.quit()))
+        if model is None:
+            QTimer.singleShot(0, take_screenshot)
+    if model is not None:
+        window.load_model(model, softprompt=softprompt)
+    elif not screenshot:
+        window.statusBar().showMessage("No model yet: choose Model ▸ Load model…")
+    app.exec()
+    window.close()
+    return outcome["code"]
+
+
+def _save_and_quit(window, path: Path, outcome: dict) -> None:
+    from kobold_desktop.qt._qt import QApplication
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not window.grab().save(str(path)):
+        print(f"error: could not write the screenshot to {path}", file=sys.stderr)
+        outcome["code"] = 1
+    QApplication.instance().quit()

@@ -1,0 +1,233 @@
+"""The Soft Prompt panel: every soft prompt in the library, Load / Unload, and the light."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kobold_desktop.qt._qt import (
+    QBrush,
+    QColor,
+    QDesktopServices,
+    QFileSystemWatcher,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QPainter,
+    QPushButton,
+    QSize,
+    Qt,
+    QTimer,
+    QUrl,
+    QVBoxLayout,
+    QWidget,
+    Signal,
+)
+from kobold_desktop.qt.worker import SoftPromptStatus
+from kobold_desktop.softprompt.library import LibraryEntry, SoftPromptLibrary
+
+NONE_TEXT = "[None]"
+ENTRY_ROLE = Qt.UserRole + 1
+GREEN, GREY = QColor("#2fb344"), QColor("#9aa0a6")
+
+
+class StatusLight(QWidget):
+    """A round light: green with the soft prompt's name when one is active, grey otherwise."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._dot = _Dot(self)
+        self.label = QLabel(self)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(4, 0, 4, 0)
+        layout.addWidget(self._dot)
+        layout.addWidget(self.label, 1)
+        self.set_status(None)
+
+    @property
+    def is_green(self) -> bool:
+        return self._dot.color == GREEN
+
+    def set_status(self, status: SoftPromptStatus | None) -> None:
+        if status is None:
+            text = "No soft prompt active"
+            self._dot.color = GREY
+        else:
+            text = f"Active soft prompt ({status.n_tokens} tokens): {status.name}"
+            self._dot.color = GREEN
+        self.label.setText(text)
+        self.setToolTip(text + ("\n" + "\n".join(status.warnings) if status and status.warnings else ""))
+        self._dot.update()
+
+
+class _Dot(QWidget):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.color = GREY
+        self.setFixedSize(QSize(14, 14))
+
+    def paintEvent(self, event):
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.Antialiasing)
+        painter.setBrush(QBrush(self.color))
+        painter.setPen(self.color.darker(130))
+        painter.drawEllipse(1, 1, 12, 12)
+
+
+class SoftPromptPanel(QWidget):
+    load_requested = Signal(object)  # a Path, or None to unload
+
+    def __init__(self, library: SoftPromptLibrary, parent=None):
+        super().__init__(parent)
+        self.library = library
+        self.hidden_size: int | None = None
+        self.model_name: str | None = None
+        self.active_paths: tuple[Path, ...] = ()
+
+        self.light = StatusLight(self)
+        self.list = QListWidget(self)
+        self.list.setAlternatingRowColors(True)
+        self.list.setWordWrap(True)
+        self.list.setSpacing(3)
+        self.details = QLabel(self)
+        self.details.setWordWrap(True)
+        self.details.setTextFormat(Qt.PlainText)
+        self.load_button = QPushButton("Load", self)
+        self.unload_button = QPushButton("Unload", self)
+        self.refresh_button = QPushButton("Refresh", self)
+        self.folder_button = QPushButton("Open folder", self)
+        buttons = QHBoxLayout()
+        for button in (self.load_button, self.unload_button, self.refresh_button, self.folder_button):
+            buttons.addWidget(button)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.light)
+        layout.addWidget(self.list, 1)
+        layout.addWidget(self.details)
+        layout.addLayout(buttons)
+
+        self.list.currentItemChanged.connect(lambda *_: self._update_details())
+        self.list.itemDoubleClicked.connect(lambda *_: self.request_load())
+        self.load_button.clicked.connect(self.request_load)
+        self.unload_button.clicked.connect(lambda: self.load_requested.emit(None))
+        self.refresh_button.clicked.connect(self.refresh)
+        self.folder_button.clicked.connect(self.open_folder)
+
+        # Refresh by itself when files appear in or leave a soft prompt folder.
+        self._watch_timer = QTimer(self, singleShot=True, interval=300)
+        self._watch_timer.timeout.connect(self.refresh)
+        self.watcher = QFileSystemWatcher([str(f) for f in library.folders if f.is_dir()], self)
+        self.watcher.directoryChanged.connect(lambda _path: self._watch_timer.start())
+        self.refresh()
+
+    # -- the list --------------------------------------------------------------------
+
+    def selected_entry(self) -> LibraryEntry | None:
+        item = self.list.currentItem()
+        return item.data(ENTRY_ROLE) if item is not None else None
+
+    def item_for(self, path: Path | None) -> QListWidgetItem | None:
+        for row in range(self.list.count()):
+            entry = self.list.item(row).data(ENTRY_ROLE)
+            if (entry is None and path is None) or (entry is not None and path is not None and entry.path == path):
+                return self.list.item(row)
+        return None
+
+    def select(self, path: Path | None) -> None:
+        item = self.item_for(path)
+        if item is not None:
+            self.list.setCurrentItem(item)
+
+    def refresh(self) -> None:
+        keep = self.selected_entry().path if self.selected_entry() else None
+        entries = self.library.refresh()
+        self.list.clear()
+        none_item = QListWidgetItem(NONE_TEXT)
+        none_item.setData(ENTRY_ROLE, None)
+        self.list.addItem(none_item)
+        for entry in entries:
+            self.list.addItem(self._item(entry))
+        self._mark_active()
+        self.select(keep)
+        if self.list.currentItem() is None:
+            self.list.setCurrentRow(0)
+        self._update_details()
+
+    def _item(self, entry: LibraryEntry) -> QListWidgetItem:
+        sp = entry.softprompt
+        if sp is None:
+            item = QListWidgetItem(f"{entry.file_name}\nunreadable: {entry.error.reason if entry.error else ''}")
+            item.setForeground(QBrush(GREY))
+        else:
+            byline = f" · by {sp.author}" if sp.authors else ""
+            item = QListWidgetItem(f"{sp.name} ({sp.n_tokens} tokens)\n{entry.file_name}{byline}")
+            compat = entry.compatibility(self.hidden_size, self.model_name)
+            if not compat.ok:
+                item.setForeground(QBrush(GREY))
+                item.setText(item.text() + f"\ndoes not fit: {compat.reason}")
+            tip = [sp.description] if sp.description else []
+            tip += list(compat.warnings) + ([compat.reason] if not compat.ok else [])
+            item.setToolTip("\n".join(tip))
+        item.setData(ENTRY_ROLE, entry)
+        return item
+
+    def fits(self, entry: LibraryEntry | None) -> tuple[bool, str]:
+        if entry is None:
+            return True, ""
+        compat = entry.compatibility(self.hidden_size, self.model_name)
+        return compat.ok, compat.reason
+
+    def _update_details(self) -> None:
+        entry = self.selected_entry()
+        if entry is None:
+            self.details.setText("No soft prompt: the model writes on its own.")
+        elif entry.softprompt is None:
+            self.details.setText(f"{entry.file_name} cannot be used: {entry.error.reason if entry.error else ''}")
+        else:
+            sp = entry.softprompt
+            lines = [sp.name]
+            if sp.authors:
+                lines.append(f"by {sp.author}")
+            if sp.description:
+                lines.append(sp.description)
+            lines.append(f"{sp.n_tokens} tokens · hidden size {sp.hidden_size} · {sp.format.value} · {entry.file_name}")
+            ok, reason = self.fits(entry)
+            if not ok:
+                lines.append(f"Does not fit the loaded model: {reason}.")
+            self.details.setText("\n".join(lines))
+        ok, _ = self.fits(entry)
+        self.load_button.setEnabled(ok and (entry is None or entry.valid))
+        self.unload_button.setEnabled(bool(self.active_paths))
+
+    # -- actions ---------------------------------------------------------------------
+
+    def request_load(self) -> None:
+        entry = self.selected_entry()
+        ok, _ = self.fits(entry)
+        if entry is not None and (not entry.valid or not ok):
+            return
+        self.load_requested.emit(entry.path if entry else None)
+
+    def open_folder(self) -> None:
+        QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.library.user_folder)))
+
+    def set_model(self, hidden_size: int | None, model_name: str | None) -> None:
+        self.hidden_size, self.model_name = hidden_size, model_name
+        self.refresh()
+
+    def set_active(self, status: SoftPromptStatus | None) -> None:
+        """Called only when the engine has really switched."""
+        self.active_paths = status.paths if status else ()
+        self.light.set_status(status)
+        self._mark_active()
+        self.select(self.active_paths[0] if self.active_paths else None)
+        self._update_details()
+
+    def _mark_active(self) -> None:
+        """The active soft prompt's row in bold (or [None]'s, when none is active)."""
+        for row in range(self.list.count()):
+            item = self.list.item(row)
+            entry = item.data(ENTRY_ROLE)
+            active = entry.path in self.active_paths if entry is not None else not self.active_paths
+            font = item.font()
+            font.setBold(active)
+            item.setFont(font)
