@@ -47,15 +47,14 @@ def run_window(args: argparse.Namespace) -> int:
     app.setApplicationName(APP_NAME)
     settings = Settings()
     library = SoftPromptLibrary(settings=settings)
-    window = MainWindow(ModelWorker(), library, settings)
-    window.restore_autosave()
-    window.show()
-
-    try:
+    try:  # before the window (and its thread) exist, so a bad name exits cleanly
         softprompt = startup_softprompt(getattr(args, "softprompt", None), library)
     except KoboldError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    window = MainWindow(ModelWorker(), library, settings)
+    window.restore_autosave()
+    window.show()
     model = startup_model(getattr(args, "model", None), settings)
     screenshot = getattr(args, "screenshot", None)
     outcome = {"code": 0}
