@@ -226,6 +226,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _progress_line(p) -> str:
+    width = 30
+    done = int(width * p.step / p.total_steps)
+    held = f" held-out {p.held_out_loss:.3f}" if p.held_out_loss is not None else ""
+    left = f"{p.seconds_left:4.0f}s left" if p.seconds_left != float("inf") else ""
+    return (f"\r[{'#' * done}{'.' * (width - done)}] {p.step}/{p.total_steps} loss {p.loss:.3f}{held} "
+            f"{p.tokens_per_second:,.0f} tok/s {left}   ")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from kobold_desktop import paths
+    from kobold_desktop.engine import Engine, LoadOptions
+    from kobold_desktop.softprompt import Metadata
+    from kobold_desktop.tuning import TuningConfig, make_blocks, read_training_text, train_softprompt
+    from kobold_desktop.tuning.export import export_softprompt, output_path
+
+    config = TuningConfig(
+        n_tokens=args.tokens, steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        block_len=args.block_size, held_out_share=args.held_out, optimizer=args.optimizer,
+        init=args.init or ("text" if args.init_text else "vocab"), init_text=args.init_text or "", seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    out = output_path(args.out)
+    if out.exists():
+        raise UsageError(f"--out {out} already exists; choose another name.")
+    text = read_training_text(args.data)
+    _quiet_transformers()
+    engine = Engine()
+    model = resolve_model(args.model)
+    print(f"Loading {model} ...", file=sys.stderr)
+    loaded = engine.load(model, LoadOptions(device=args.device, dtype=args.dtype))
+    blocks = make_blocks(text, loaded.tokenizer, config.block_len, config.held_out_share, config.seed)
+    print(f"{blocks.train.shape[0]} training blocks, {blocks.held_out.shape[0]} held out, "
+          f"{config.block_len} tokens each", file=sys.stderr)
+    checkpoint = paths.user_cache_dir() / "tuning" / (out.stem + ".ckpt")
+    with engine.lock:
+        result = train_softprompt(loaded.model, loaded.tokenizer, blocks, config,
+                                  progress=lambda p: sys.stderr.write(_progress_line(p)), checkpoint=checkpoint)
+    sys.stderr.write("\n")
+    meta = Metadata(name=args.name or out.stem, authors=tuple(args.author or ()), description=args.description or "")
+    path = export_softprompt(result.tensor, out, meta, loaded.info.name, args.peft_out)
+    checkpoint.unlink(missing_ok=True)
+    print(f"wrote {path}" + (f" and {args.peft_out}" if args.peft_out else ""))
+    if result.held_out_loss is not None and result.baseline_held_out_loss is not None:
+        change = (result.held_out_loss / result.baseline_held_out_loss - 1) * 100
+        print(f"held-out loss: {result.held_out_loss:.4f} with the soft prompt, "
+              f"{result.baseline_held_out_loss:.4f} without ({change:+.1f}%)", file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kobold-desktop",
@@ -260,6 +310,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow the model's own Python code to run (only for models you trust)")
     g.add_argument("--json", action="store_true", help="print one JSON object with the result")
     g.set_defaults(func=cmd_generate)
+
+    t = commands.add_parser("tune", help="create a soft prompt from your own writing")
+    t.add_argument("--model", metavar="M", help="model folder or Hugging Face id (default: the demo model)")
+    t.add_argument("--data", required=True, metavar="PATH", help="a .txt file, a folder of .txt files, or a story")
+    t.add_argument("--out", required=True, metavar="FILE.zip",
+                   help="the soft prompt to write; a bare name goes into your soft prompt folder")
+    t.add_argument("--peft-out", metavar="DIR", help="also write a PEFT prompt-tuning adapter folder")
+    t.add_argument("--tokens", type=int, default=20, metavar="N", help="virtual tokens (default 20)")
+    t.add_argument("--steps", type=int, default=200, metavar="N")
+    t.add_argument("--lr", type=float, default=0.03, metavar="X", help="learning rate (default 0.03)")
+    t.add_argument("--batch-size", type=int, default=4, metavar="N")
+    t.add_argument("--grad-accum", type=int, default=1, metavar="N")
+    t.add_argument("--block-size", type=int, default=128, metavar="N", help="tokens per training block")
+    t.add_argument("--held-out", type=float, default=0.08, metavar="SHARE", help="share kept for evaluation")
+    t.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
+    t.add_argument("--init", choices=["text", "vocab", "random"], help="how the rows start (default: text "
+                   "when --init-text is given, else sampled vocabulary rows)")
+    t.add_argument("--init-text", metavar="TEXT", help="start from this text's token embeddings")
+    t.add_argument("--seed", type=int, default=1234, metavar="S")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more time")
+    t.add_argument("--name", metavar="NAME")
+    t.add_argument("--author", action="append", metavar="NAME")
+    t.add_argument("--description", metavar="TEXT")
+    t.add_argument("--device", metavar="D")
+    t.add_argument("--dtype", metavar="T")
+    t.set_defaults(func=cmd_tune)
 
     sp = commands.add_parser("softprompt", help="list, inspect, import and convert soft prompts")
     sp_commands = sp.add_subparsers(dest="sp_command", metavar="ACTION", required=True)

@@ -22,3 +22,9 @@ def model_dirs(tmp_path_factory):
     """Tiny random models of every architecture we support, saved with their tokenizer."""
     root = tmp_path_factory.mktemp("models")
     return {arch: build_tiny_model(root / arch, arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tune_model_dir(tmp_path_factory):
+    """Hidden size 64: big enough for a soft prompt to steer a random model clearly."""
+    return build_tiny_model(tmp_path_factory.mktemp("tune") / "model", "gpt2", hidden=64)

@@ -41,6 +41,7 @@ from kobold_desktop.qt.editors import MemoryEditor, SamplerPanel, WorldInfoEdito
 from kobold_desktop.qt.model_dialog import ModelDialog
 from kobold_desktop.qt.softprompt_panel import SoftPromptPanel, StatusLight
 from kobold_desktop.qt.story_view import StoryView
+from kobold_desktop.qt.tune_dialog import TuneDialog, TuneRequest
 from kobold_desktop.qt.worker import ModelStatus, ModelWorker, SoftPromptStatus
 from kobold_desktop.settings import Settings
 from kobold_desktop.softprompt import peft_dir
@@ -82,6 +83,7 @@ class MainWindow(QMainWindow):
     request_load = Signal(str, object)
     request_softprompt = Signal(object)
     request_generate = Signal(object, object, int)
+    request_tune = Signal(object)
     ready = Signal()  # nothing is loading any more (start-up is over)
 
     def __init__(self, worker: ModelWorker, library: SoftPromptLibrary, settings: Settings):
@@ -99,6 +101,7 @@ class MainWindow(QMainWindow):
         self.pending_softprompt: Path | None = None
         self.last_result: GenerationResult | None = None
         self.notices: list[tuple[str, str]] = []
+        self.tune_dialog: TuneDialog | None = None
         self._boxes: list[QMessageBox] = []
         self._pending_text = ""
         self._rendering = False
@@ -211,6 +214,7 @@ class MainWindow(QMainWindow):
         self.recent_models_menu = menu.addMenu("&Recent models")
         self._add(menu, "&Unload model", self.unload_model)
         menu = self.menuBar().addMenu("&Soft prompts")
+        self._add(menu, "&Create soft prompt…", self.show_tune_dialog)
         self._add(menu, "&Import soft prompt…", self.import_softprompt_dialog)
         self._add(menu, "&Refresh", self.softprompt_panel.refresh)
         self._add(menu, "&Open folder", self.softprompt_panel.open_folder)
@@ -230,6 +234,9 @@ class MainWindow(QMainWindow):
         self.request_load.connect(w.load_model)
         self.request_softprompt.connect(w.set_softprompt)
         self.request_generate.connect(w.generate)
+        self.request_tune.connect(w.tune)
+        w.tune_progress.connect(self.on_tune_progress)
+        w.tuned.connect(self.on_tuned)
         w.started.connect(self.on_started)
         w.progress.connect(self.on_progress)
         w.model_loaded.connect(self.on_model_loaded)
@@ -453,6 +460,8 @@ class MainWindow(QMainWindow):
     def on_finished(self, job: str) -> None:
         self.busy_job = None
         self.progress.hide()
+        if job == "tune" and self.tune_dialog is not None:
+            self.tune_dialog.set_running(False)
         if job == "generate":
             self._flush_timer.stop()
             self.flush_text()
@@ -526,6 +535,46 @@ class MainWindow(QMainWindow):
         self.busy_job = "softprompt"
         self.update_actions()
         self.request_softprompt.emit(path)
+
+    def show_tune_dialog(self) -> TuneDialog:
+        if self.tune_dialog is None:
+            self.tune_dialog = TuneDialog(self)
+            self.tune_dialog.start_requested.connect(self.start_tuning)
+            self.tune_dialog.cancel_requested.connect(self.stop)
+        self.tune_dialog.show()
+        self.tune_dialog.raise_()
+        return self.tune_dialog
+
+    def start_tuning(self, request: TuneRequest) -> None:
+        if self.model_status is None or self.busy_job is not None:
+            message = "Load a model first." if self.model_status is None else "Wait until the model is free."
+            self.tune_dialog.finish(message)
+            return
+        self.worker.cancel_event.clear()
+        self.busy_job = "tune"
+        self.update_actions()
+        self.request_tune.emit(request)
+
+    def on_tune_progress(self, progress) -> None:
+        if self.tune_dialog is not None:
+            self.tune_dialog.show_progress(progress)
+
+    def on_tuned(self, path: Path | None, result) -> None:
+        if path is None:
+            message = (f"Cancelled at step {result.steps_done}. Start again with the same settings to go on "
+                       "from there.")
+        else:
+            change = ""
+            if result.held_out_loss is not None and result.baseline_held_out_loss:
+                change = (f" Held-out loss {result.held_out_loss:.3f} with it, "
+                          f"{result.baseline_held_out_loss:.3f} without.")
+            message = f"Created {path.name}; it is selected in the Soft prompts panel, ready to Load.{change}"
+            self.softprompt_panel.refresh()
+            self.softprompt_panel.select(path)
+            self.tabs.setCurrentWidget(self.softprompt_panel)
+        if self.tune_dialog is not None:
+            self.tune_dialog.finish(message)
+        self.statusBar().showMessage(message, 10000)
 
     def import_softprompt_dialog(self) -> None:
         files, _ = QFileDialog.getOpenFileNames(self, "Import soft prompts", "",

@@ -46,6 +46,8 @@ class ModelWorker(QObject):
     chunk = Signal(str)
     generated = Signal(object)  # GenerationResult that ended by length or stop
     cancelled = Signal(object)  # GenerationResult that the user stopped
+    tune_progress = Signal(object)  # TuningProgress
+    tuned = Signal(object, object)  # (Path of the new zip, or None when cancelled; TuningResult)
     errored = Signal(str)  # a message for the user
     finished = Signal(str)  # the job, always last
 
@@ -113,3 +115,35 @@ class ModelWorker(QObject):
                 (self.cancelled if result.finish_reason == "cancelled" else self.generated).emit(result)
 
         self._run("generate", work)
+
+    @Slot(object)
+    def tune(self, request) -> None:
+        """Train a soft prompt on the loaded model and write it into the user's folder."""
+        from kobold_desktop import paths
+        from kobold_desktop.softprompt.library import safe_stem
+        from kobold_desktop.tuning import make_blocks, read_training_text, train_softprompt
+        from kobold_desktop.tuning.export import export_softprompt
+
+        def work():
+            loaded = self.engine.loaded
+            text = "\n\n".join(read_training_text(path) for path in request.files)
+            config = request.config
+            blocks = make_blocks(text, loaded.tokenizer, config.block_len, config.held_out_share, config.seed)
+            stem = safe_stem(request.meta.name or "softprompt")
+            checkpoint = paths.user_cache_dir() / "tuning" / f"{stem}.ckpt"
+            with self.engine.lock:
+                result = train_softprompt(loaded.model, loaded.tokenizer, blocks, config,
+                                          progress=self.tune_progress.emit, cancel=self.cancel_event,
+                                          checkpoint=checkpoint)
+            if result.cancelled:
+                self.tuned.emit(None, result)
+                return
+            folder = paths.user_softprompt_dir()
+            out, counter = folder / f"{stem}.zip", 2
+            while out.exists():
+                out, counter = folder / f"{stem} ({counter}).zip", counter + 1
+            path = export_softprompt(result.tensor, out, request.meta, loaded.info.name)
+            checkpoint.unlink(missing_ok=True)
+            self.tuned.emit(path, result)
+
+        self._run("tune", work)
