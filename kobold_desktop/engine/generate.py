@@ -123,6 +123,72 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+class Continuation:
+    """The text side of one generated sequence: turns its tokens into text chunks and
+    decides when it ends (EOS, a stop sequence, max new tokens, cancel)."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], softprompt_tokens: int,
+                 settings: SamplingSettings, eos: set[int], cancel: threading.Event | None = None):
+        self.start = time.perf_counter()
+        self.settings = settings
+        self.prompt_tokens = len(prompt_ids)
+        self.softprompt_tokens = softprompt_tokens
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._stops = StopSequences(settings.stop)
+        self._eos = eos
+        self._cancel = CancelCriteria(cancel) if cancel is not None else None
+        self._pieces: list[str] = []
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+
+    def cancelled(self) -> bool:
+        return self._cancel is not None and bool(self._cancel(torch.zeros(1, 1), None).any())
+
+    def _emit(self, text: str) -> list[TextChunk]:
+        if not text:
+            return []
+        self._pieces.append(text)
+        return [TextChunk(text)]
+
+    def feed(self, token: int) -> list[TextChunk]:
+        """Take the next token; returns the text that became final. Sets `finish_reason`
+        when the sequence is over (then `close()` gives the rest)."""
+        if token in self._eos:
+            self.finish_reason = "stop"
+            return []
+        self.generated.append(token)
+        chunks = self._emit(self._stops.feed(self._detokenizer.add(token)))
+        if self._stops.stopped:
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.settings.max_new_tokens:
+            self.finish_reason = "length"
+        elif self.cancelled():
+            self.finish_reason = "cancelled"
+        return chunks
+
+    def close(self, reason: str | None = None) -> list[TextChunk]:
+        """End the sequence (with `reason` if it has none yet): the held-back text."""
+        self.finish_reason = self.finish_reason or reason or "length"
+        if self._stops.stopped:
+            return []
+        chunks = self._emit(self._stops.feed(self._detokenizer.flush()))
+        if self._stops.stopped:
+            self.finish_reason = "stop"
+            return chunks
+        return chunks + self._emit(self._stops.flush())
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text="".join(self._pieces),
+            finish_reason=self.finish_reason or "length",
+            prompt_tokens=self.prompt_tokens,
+            softprompt_tokens=self.softprompt_tokens,
+            generated_tokens=len(self.generated),
+            seconds=time.perf_counter() - self.start,
+            token_ids=tuple(self.generated),
+        )
+
+
 def stream_generate(
     model: Any,
     tokenizer: Any,
@@ -132,60 +198,23 @@ def stream_generate(
     cancel: threading.Event | None = None,
 ) -> Iterator[StreamEvent]:
     """Yield `TextChunk`s as text becomes final, then one `GenerationResult`."""
-    start = time.perf_counter()
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator().manual_seed(settings.seed)
-    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long)
-    stopping = StoppingCriteriaList([CancelCriteria(cancel)]) if cancel is not None else None
-    detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
-    stops = StopSequences(settings.stop)
-    eos = eos_token_ids(model, tokenizer)
-    pieces: list[str] = []
-    generated: list[int] = []
-    finish = "length"
-
-    def emit(text: str) -> Iterator[TextChunk]:
-        if text:
-            pieces.append(text)
-            yield TextChunk(text)
-
-    if stopping is not None and bool(stopping(prompt, None).any()):
-        finish = "cancelled"
+    n_soft = 0 if softprompt is None else int(softprompt.shape[0])
+    state = Continuation(tokenizer, prompt_ids, n_soft, settings, eos_token_ids(model, tokenizer), cancel)
+    if state.cancelled():
+        state.finish_reason = "cancelled"
     else:
+        generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+        prompt = torch.tensor([list(prompt_ids)], dtype=torch.long)
         steps = generate_step(model, prompt, softprompt, settings, generator)
         try:
             for token in steps:
-                if token in eos:
-                    finish = "stop"
-                    break
-                generated.append(token)
-                yield from emit(stops.feed(detokenizer.add(token)))
-                if stops.stopped:
-                    finish = "stop"
-                    break
-                if len(generated) >= settings.max_new_tokens:
-                    break
-                if stopping is not None and bool(stopping(prompt, None).any()):
-                    finish = "cancelled"
+                yield from state.feed(token)
+                if state.finish_reason is not None:
                     break
         finally:
             steps.close()
-    if not stops.stopped:
-        yield from emit(stops.feed(detokenizer.flush()))
-        if stops.stopped:
-            finish = "stop"
-        else:
-            yield from emit(stops.flush())
-    yield GenerationResult(
-        text="".join(pieces),
-        finish_reason=finish,
-        prompt_tokens=len(prompt_ids),
-        softprompt_tokens=0 if softprompt is None else int(softprompt.shape[0]),
-        generated_tokens=len(generated),
-        seconds=time.perf_counter() - start,
-        token_ids=tuple(generated),
-    )
+    yield from state.close()
+    yield state.result()
 
 
 def collect(events: Iterator[StreamEvent]) -> GenerationResult:

@@ -1,0 +1,74 @@
+"""Server settings from the command line and/or a YAML file (`--config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kobold_desktop.errors import KoboldError
+
+
+class ServeConfigError(KoboldError):
+    """The server cannot start with these settings."""
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None
+    enable_prompt_adapter: bool = True
+    prompt_adapters: dict[str, str] = field(default_factory=dict)  # name -> zip, PEFT folder or library name
+    max_prompt_adapter_token: int = 512
+    max_prompt_adapters: int = 8
+    host: str = "127.0.0.1"
+    port: int = 2242
+    api_key: str | None = None
+    admin_key: str | None = None  # for loading/unloading soft prompts; defaults to api_key
+    max_batch: int = 16
+
+    @classmethod
+    def from_yaml(cls, path: Path | str) -> "ServeConfig":
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ServeConfigError(f"cannot read the config {path.name}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ServeConfigError(f"{path.name} must be a mapping of settings.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ServeConfigError(f"{path.name}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        adapters = data.get("prompt_adapters") or {}
+        if not isinstance(adapters, dict):
+            raise ServeConfigError(f"{path.name}: prompt_adapters must map names to paths.")
+        data["prompt_adapters"] = {str(k): str(v) for k, v in adapters.items()}
+        return cls(**data)
+
+    def merged(self, **overrides: Any) -> "ServeConfig":
+        """These settings with every override that is not None applied."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key == "prompt_adapters":
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+        return ServeConfig(**values)
+
+    @property
+    def admin(self) -> str | None:
+        return self.admin_key or self.api_key
+
+
+def parse_adapter_args(items: list[str] | None) -> dict[str, str]:
+    adapters = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ServeConfigError(f"--prompt-adapters takes NAME=PATH, not '{item}'.")
+        adapters[name.strip()] = path.strip()
+    return adapters
