@@ -102,6 +102,7 @@ class MainWindow(QMainWindow):
         self.last_result: GenerationResult | None = None
         self.notices: list[tuple[str, str]] = []
         self.tune_dialog: TuneDialog | None = None
+        self.server = None  # a KoboldServer while the local API is running
         self._boxes: list[QMessageBox] = []
         self._pending_text = ""
         self._rendering = False
@@ -172,6 +173,9 @@ class MainWindow(QMainWindow):
         # The light is in the panel and, so it is seen from every tab, in the status bar.
         self.light = self.softprompt_panel.light
         self.status_light = StatusLight(self)
+        self.server_label = QLabel(self)
+        self.server_label.hide()
+        status.addPermanentWidget(self.server_label)
         status.addPermanentWidget(self.progress)
         status.addPermanentWidget(self.status_light)
         status.addPermanentWidget(self.model_label)
@@ -218,6 +222,10 @@ class MainWindow(QMainWindow):
         self._add(menu, "&Import soft prompt…", self.import_softprompt_dialog)
         self._add(menu, "&Refresh", self.softprompt_panel.refresh)
         self._add(menu, "&Open folder", self.softprompt_panel.open_folder)
+        menu = self.menuBar().addMenu("Se&rver")
+        self.server_start_action = self._add(menu, "&Start server", self.start_server)
+        self.server_stop_action = self._add(menu, "S&top server", self.stop_server)
+        self.server_stop_action.setEnabled(False)
         menu = self.menuBar().addMenu("&Help")
         self._add(menu, "&About", self.about)
         self._rebuild_recent_menus()
@@ -509,6 +517,7 @@ class MainWindow(QMainWindow):
         if self.busy_job is not None:
             self.notify("Busy", "Wait until the model has finished its current job.", error=True)
             return
+        self.stop_server()  # it serves the model being replaced
         self.pending_softprompt = softprompt
         self.busy_job = "load"
         self.update_actions()
@@ -516,6 +525,7 @@ class MainWindow(QMainWindow):
 
     def unload_model(self) -> None:
         if self.busy_job is None and self.model_status is not None:
+            self.stop_server()
             self.worker.engine.unload()  # the worker is idle, so nothing is using the model
             self.model_status = None
             self.model_label.setText("No model loaded")
@@ -684,7 +694,54 @@ class MainWindow(QMainWindow):
                 return
             self.show_story()
 
+    # -- the local API server ------------------------------------------------------------------
+
+    def start_server(self, port: int | None = None) -> str | None:
+        """Serve the loaded model and every soft prompt that fits it (OpenAI and KoboldAI
+        APIs on 127.0.0.1). The server shares the model with the window, taking turns."""
+        from kobold_desktop.server.config import ServeConfig
+        from kobold_desktop.server.http import KoboldServer
+        from kobold_desktop.server.service import Service
+
+        if self.server is not None:
+            return self.server.url
+        if self.model_status is None:
+            self.notify("No model", "Load a model before starting the server.", error=True)
+            return None
+        config = ServeConfig(max_prompt_adapters=256)
+        adapters: dict[str, str] = {}
+        for entry in self.library.refresh():
+            fits = entry.compatibility(self.model_status.hidden_size).ok
+            if fits and entry.softprompt.n_tokens <= config.max_prompt_adapter_token:
+                name, counter = entry.name, 2
+                while name in adapters or name == self.model_status.name:
+                    name, counter = f"{entry.name} ({counter})", counter + 1
+                adapters[name] = str(entry.path)
+        config.prompt_adapters = adapters
+        port = port if port is not None else int(self.settings.get("server.port", 2242))
+        try:
+            self.server = KoboldServer(Service(self.worker.engine, config), config.host, port).start()
+        except (OSError, KoboldError) as exc:
+            self.notify("Cannot start the server", f"{exc}", error=True)
+            return None
+        self.server_start_action.setEnabled(False)
+        self.server_stop_action.setEnabled(True)
+        self.server_label.setText(f"Server: {self.server.url}")
+        self.server_label.show()
+        self.notify("Server running", f"OpenAI API: {self.server.url}/v1\nKoboldAI API: {self.server.url}/api\n"
+                    f"Models: {', '.join([self.model_status.name, *adapters])}")
+        return self.server.url
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        self.server_start_action.setEnabled(True)
+        self.server_stop_action.setEnabled(False)
+        self.server_label.hide()
+
     def closeEvent(self, event) -> None:
+        self.stop_server()
         self.worker.cancel_event.set()
         if not self.generating:
             self.autosave()

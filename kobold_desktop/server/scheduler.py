@@ -62,7 +62,7 @@ class _Pending:
 
 
 class BatchScheduler:
-    def __init__(self, engine: Engine, max_batch: int = 16, gather_seconds: float = 0.005):
+    def __init__(self, engine: Engine, max_batch: int = 16, gather_seconds: float = 0.025):
         self.engine = engine
         self.max_batch = max_batch
         self.gather_seconds = gather_seconds

@@ -1,0 +1,53 @@
+"""Starting the local API server from the window; it shares the model with the window."""
+
+import http.client
+import json
+import threading
+
+import torch
+from PySide6.QtCore import Qt
+
+from kobold_desktop.paths import user_softprompt_dir
+from kobold_desktop.softprompt import Metadata, kobold_zip
+
+from .test_window import generate
+
+
+def call(url, method, path, body=None):
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request(method, path, json.dumps(body) if body else None, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_server_menu_serves_library_softprompts(qtbot, window):
+    kobold_zip.write(user_softprompt_dir() / "sea.zip", torch.randn(4, 32), Metadata(name="Sea"))
+    kobold_zip.write(user_softprompt_dir() / "wide.zip", torch.randn(4, 64), Metadata(name="Wide"))
+    url = window.start_server(port=0)
+    assert url and window.server_label.text() == f"Server: {url}" and not window.server_label.isHidden()
+    assert "OpenAI API" in window.notices[-1][1]
+    status, models = call(url, "GET", "/v1/models")
+    assert [m["id"] for m in models["data"]] == ["gpt2", "Sea"]  # Wide does not fit the model
+
+    replies = {}
+
+    def ask():
+        replies["server"] = call(url, "POST", "/v1/completions", {"model": "Sea", "prompt": "Once", "max_tokens": 30})
+
+    thread = threading.Thread(target=ask)
+    window.sampler_panel.max_new_tokens.setValue(30)
+    qtbot.keyClicks(window.input, "The dragon")
+    thread.start()
+    result = generate(qtbot, window, lambda: qtbot.mouseClick(window.submit_button, Qt.LeftButton))
+    thread.join(timeout=120)
+    assert result.generated_tokens > 0 and replies["server"][0] == 200  # both finished, taking turns
+
+    window.stop_server()
+    assert window.server is None and window.server_label.isHidden()
+    assert window.server_start_action.isEnabled()
+
+
+def test_server_needs_a_model(bare_window):
+    assert bare_window.start_server(port=0) is None
+    assert "Load a model" in bare_window.notices[-1][1]
