@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="PATH_OR_ID", help="the model to load in the window")
     parser.add_argument("--softprompt", metavar="NAME_OR_PATH", help="the soft prompt to load in the window")
     parser.add_argument("--screenshot", metavar="PNG", help="start the window, save it as PNG when ready, exit")
+    parser.add_argument("--self-test", action="store_true",
+                        help="check headless that the demo model, soft prompts and window code work; exit 0 if so")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = commands.add_parser("generate", help="continue a prompt with the model")
@@ -440,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.self_test:
+        from kobold_desktop.selftest import run_self_test
+
+        _quiet_transformers()
+        return run_self_test()
     if args.command is None:
         from kobold_desktop.qt.app import run_window
 

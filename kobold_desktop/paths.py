@@ -17,11 +17,23 @@ import platformdirs
 from kobold_desktop import APP_ID
 
 HOME_ENV = "KOBOLD_DESKTOP_HOME"
+PORTABLE_MARKER = "portable"
+
+
+def portable_root() -> Path | None:
+    """Portable mode: a file named `portable` beside the bundled executable keeps all the
+    user's files in a `user-data` folder beside it (for a USB stick, say)."""
+    if not getattr(sys, "frozen", False):
+        return None
+    folder = Path(sys.executable).resolve().parent
+    return folder / "user-data" if (folder / PORTABLE_MARKER).is_file() else None
 
 
 def _home_override() -> Path | None:
     value = os.environ.get(HOME_ENV)
-    return Path(value).expanduser() if value else None
+    if value:
+        return Path(value).expanduser()
+    return portable_root()
 
 
 def user_data_dir() -> Path:

@@ -1,0 +1,140 @@
+"""`kobold-desktop --self-test`: prove that this installation (or bundle) works, headless.
+
+Loads the demo model, lists the bundled soft prompts and loads one, generates with and
+without it, reads soft prompt zips compressed with Deflate64 and with LZMA, and starts
+the window's code offscreen. Prints each check; exits 0 only if all passed. In the
+PyInstaller bundle this catches a missing hidden import before a user does.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import tempfile
+import time
+import traceback
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kobold_desktop import paths
+
+
+def _deflate64_zip(path: Path, payload: bytes) -> None:
+    """A zip whose tensor.npy uses ZIP method 9 (Deflate64), as Windows and 7-Zip write it.
+
+    A raw deflate stream without length-258 matches decodes identically as Deflate64;
+    random floats never repeat that long, so zlib's stream is a valid Deflate64 stream.
+    """
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    compressed = compressor.compress(payload) + compressor.flush()
+    with zipfile.ZipFile(path, "w") as zf:
+        info = zipfile.ZipInfo("tensor.npy")
+        zf.writestr(info, compressed)
+    data = bytearray(path.read_bytes())
+    crc = zlib.crc32(payload)
+    for signature, method_at, sizes_at in ((b"PK\x03\x04", 8, 14), (b"PK\x01\x02", 10, 16)):
+        at = data.find(signature)
+        struct.pack_into("<H", data, at + method_at, 9)
+        struct.pack_into("<III", data, at + sizes_at, crc, len(compressed), len(payload))
+    path.write_bytes(bytes(data))
+
+
+def run_self_test(out=print) -> int:
+    from kobold_desktop.engine import Engine, SamplingSettings
+    from kobold_desktop.softprompt import Metadata, kobold_zip, load_softprompt, npy
+    from kobold_desktop.softprompt.library import SoftPromptLibrary
+
+    results: list[tuple[str, bool]] = []
+    state: dict = {}
+
+    def check(name: str, fn: Callable[[], str]) -> None:
+        start = time.perf_counter()
+        try:
+            detail = fn()
+            ok = True
+        except Exception as exc:  # noqa: BLE001 - a self-test reports every failure
+            detail = f"{type(exc).__name__}: {exc}"
+            if os.environ.get("KOBOLD_DESKTOP_DEBUG"):
+                traceback.print_exc()
+            ok = False
+        results.append((name, ok))
+        out(f"[{'ok' if ok else 'FAIL'}] {name}: {detail} ({time.perf_counter() - start:.1f} s)")
+
+    def demo_model() -> str:
+        folder = paths.demo_model_dir()
+        engine = Engine()
+        loaded = engine.load(folder)
+        state["engine"] = engine
+        return f"{loaded.info.architecture}, hidden size {loaded.info.hidden_size}, {loaded.device_label}"
+
+    def bundled_softprompts() -> str:
+        with tempfile.TemporaryDirectory() as user:
+            entries = SoftPromptLibrary(Path(user), [paths.bundled_softprompt_dir()]).scan()
+        valid = [e for e in entries if e.valid]
+        if not valid:
+            raise RuntimeError(f"no readable soft prompt in {paths.bundled_softprompt_dir()}")
+        state["softprompt"] = valid[0]
+        return ", ".join(f"{e.name} ({e.softprompt.n_tokens} tokens)" for e in valid)
+
+    def generate_without() -> str:
+        engine = state["engine"]
+        result = engine.generate("And it came to pass", SamplingSettings(max_new_tokens=12, seed=1), softprompt=None)
+        state["plain"] = result.text
+        return repr(result.text)
+
+    def load_softprompt_check() -> str:
+        active = state["engine"].set_softprompt(state["softprompt"].path)
+        return f"{active.name}, {active.n_tokens} tokens"
+
+    def generate_with() -> str:
+        result = state["engine"].generate("And it came to pass", SamplingSettings(max_new_tokens=12, seed=1))
+        if result.generated_tokens == 0:
+            raise RuntimeError("nothing was generated")
+        return repr(result.text) + (" (differs from without)" if result.text != state["plain"] else "")
+
+    def compressed(method: str) -> Callable[[], str]:
+        def run() -> str:
+            tensor = torch.randn(8, 16)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"{method}.zip"
+                if method == "deflate64":
+                    _deflate64_zip(path, npy.encode(tensor))
+                else:
+                    kobold_zip.write(path, tensor, Metadata(name=method))
+                softprompt, loaded = load_softprompt(path)
+            if softprompt.compression != method or not torch.equal(loaded, tensor):
+                raise RuntimeError(f"read back wrong ({softprompt.compression})")
+            return f"{softprompt.n_tokens} x {softprompt.hidden_size} read back exactly"
+
+        return run
+
+    def window_code() -> str:
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+        from kobold_desktop.qt._qt import QApplication
+        from kobold_desktop.qt.main_window import MainWindow  # noqa: F401 - that it imports is the check
+
+        app = QApplication.instance() or QApplication([])
+        return f"Qt {app.platformName()} platform"
+
+    check("demo model loads", demo_model)
+    check("bundled soft prompts list", bundled_softprompts)
+    if "engine" in state:
+        check("generates without a soft prompt", generate_without)
+        if "softprompt" in state:
+            check("loads a bundled soft prompt", load_softprompt_check)
+            check("generates with it", generate_with)
+    check("reads a Deflate64 soft prompt zip", compressed("deflate64"))
+    check("reads an LZMA soft prompt zip", compressed("lzma"))
+    check("window code starts offscreen", window_code)
+    failed = [name for name, ok in results if not ok]
+    out(f"self-test: {len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed or len(results) < 8 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_self_test())

@@ -1,0 +1,56 @@
+"""--self-test and portable mode."""
+
+import sys
+
+import pytest
+import torch
+
+from kobold_desktop import paths
+from kobold_desktop.cli import main
+from kobold_desktop.softprompt import Metadata, kobold_zip
+
+
+@pytest.fixture
+def fake_bundle(tmp_path, monkeypatch, model_dirs):
+    """A bundle root with a demo model (a tiny one) and a bundled soft prompt."""
+    import shutil
+
+    root = tmp_path / "bundle"
+    shutil.copytree(model_dirs["gpt2"], root / "assets" / "demo-model")
+    (root / "softprompts").mkdir()
+    kobold_zip.write(root / "softprompts" / "psalms.zip", torch.randn(6, 32), Metadata(name="Psalms"))
+    monkeypatch.setattr(paths, "bundle_root", lambda: root)
+    return root
+
+
+def test_self_test_passes_and_says_what_it_checked(fake_bundle, capsys):
+    assert main(["--self-test"]) == 0
+    out = capsys.readouterr().out
+    for check in ("demo model loads", "bundled soft prompts list", "generates without a soft prompt",
+                  "loads a bundled soft prompt", "generates with it", "reads a Deflate64 soft prompt zip",
+                  "reads an LZMA soft prompt zip", "window code starts offscreen"):
+        assert f"[ok] {check}" in out
+    assert "self-test: 8 passed, 0 failed" in out
+
+
+def test_self_test_fails_without_a_demo_model(fake_bundle, capsys):
+    import shutil
+
+    shutil.rmtree(fake_bundle / "assets" / "demo-model")
+    assert main(["--self-test"]) == 1
+    assert "[FAIL] demo model loads" in capsys.readouterr().out
+
+
+def test_portable_mode_keeps_user_files_beside_the_executable(tmp_path, monkeypatch):
+    monkeypatch.delenv(paths.HOME_ENV, raising=False)
+    exe = tmp_path / "dist" / "kobold-desktop"
+    exe.parent.mkdir()
+    exe.write_text("")
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setattr(sys, "executable", str(exe))
+    assert paths.portable_root() is None
+    assert not str(paths.user_data_dir()).startswith(str(exe.parent))
+    (exe.parent / "portable").write_text("")
+    assert paths.user_data_dir() == exe.parent / "user-data" / "data"
+    assert paths.user_config_dir() == exe.parent / "user-data" / "config"
+    assert paths.user_softprompt_dir() == exe.parent / "user-data" / "data" / "softprompts"
