@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, Union
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria
 
 from kobold_desktop.engine.detokenize import IncrementalDetokenizer, StopSequences
 from kobold_desktop.engine.errors import ModelError

@@ -8,7 +8,6 @@ overwritten. Names a user typed are never joined onto a folder as given.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import unicodedata

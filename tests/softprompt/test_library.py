@@ -4,7 +4,6 @@ import os
 import time
 
 import pytest
-import torch
 
 from kobold_desktop.settings import Settings
 from kobold_desktop.softprompt import errors as E

@@ -11,7 +11,6 @@ from kobold_desktop.softprompt import SoftPromptFormat, describe_softprompt, loa
 from kobold_desktop.softprompt.errors import CorruptFileError
 
 from .builders import (
-    bf16_array,
     make_zip,
     mkultra_json,
     npy_bytes,
