@@ -118,8 +118,10 @@ def _batch_loss(model: Any, rows: torch.Tensor, ids: torch.Tensor, autocast: Any
     if rows is not None:
         prefix = rows.to(embeds.dtype).unsqueeze(0).expand(ids.shape[0], -1, -1)
         embeds = torch.cat([prefix, embeds], dim=1)
-        ignore = torch.full((ids.shape[0], rows.shape[0]), -100, dtype=torch.long, device=device)
-        labels = torch.cat([ignore, ids], dim=1)
+        # The block's first token has nothing before it without a soft prompt, so it is
+        # never scored there; score the same tokens here, or the two losses differ in kind.
+        ignore = torch.full((ids.shape[0], rows.shape[0] + 1), -100, dtype=torch.long, device=device)
+        labels = torch.cat([ignore, ids[:, 1:]], dim=1)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
     with autocast():
         return model(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss

@@ -170,3 +170,30 @@ def test_training_text_sources(tmp_path, tune_engine):
         read_training_text(tmp_path / "missing.txt")
     blocks = make_blocks(PATTERN * 400, tune_engine.loaded.tokenizer, 16, 0.1, 0)
     assert blocks.held_out.shape[0] == round((blocks.train.shape[0] + blocks.held_out.shape[0]) * 0.1)
+
+
+def test_held_out_loss_scores_the_same_tokens_with_and_without(tune_engine):
+    """The first token of a block has no text before it: without a soft prompt it cannot
+    be scored, so with one it must not be either, or the two losses are not comparable."""
+    from contextlib import nullcontext
+
+    from kobold_desktop.tuning import held_out_loss
+
+    model = tune_engine.loaded.model
+    blocks = blocks_for(tune_engine, TuningConfig(block_len=16)).train[:6]
+    scored = []
+    original = model.forward
+
+    def spy(*args, **kwargs):
+        scored.append(int((kwargs["labels"][:, 1:] != -100).sum()))  # what the shifted loss scores
+        return original(*args, **kwargs)
+
+    model.forward = spy
+    try:
+        held_out_loss(model, model.get_input_embeddings().weight[:2].detach(), blocks, 3, nullcontext)
+        with_softprompt, scored[:] = sum(scored), []
+        held_out_loss(model, None, blocks, 3, nullcontext)
+        without = sum(scored)
+    finally:
+        del model.forward
+    assert with_softprompt == without == blocks.shape[0] * (blocks.shape[1] - 1)
