@@ -132,7 +132,7 @@ def test_generation_runs_on_the_worker_thread_and_the_window_stays_responsive(qt
     monkeypatch.setattr(engine, "stream", recording_stream)
     timer = window.startTimer(5)
     window.timerEvent = lambda event: ticks.append(1)
-    window.sampler_panel.max_new_tokens.setValue(60)
+    window.sampler_panel.max_new_tokens.setValue(200)  # long enough to span many 5 ms ticks
     qtbot.keyClicks(window.input, "The knight")
     generate(qtbot, window, lambda: qtbot.mouseClick(window.submit_button, Qt.LeftButton))
     window.killTimer(timer)
@@ -142,7 +142,8 @@ def test_generation_runs_on_the_worker_thread_and_the_window_stays_responsive(qt
 
 def test_stop_cancels_at_once(qtbot, window):
     window.sampler_panel.max_new_tokens.setValue(200)
-    window.worker.chunk.connect(lambda _text: window.stop_button.isEnabled() and window.stop())
+    # Runs on the worker's thread (a plain callable): only set the event, touch no widget.
+    window.worker.chunk.connect(lambda _text: window.worker.cancel_event.set())
     qtbot.keyClicks(window.input, "The dragon")
     result = generate(qtbot, window, lambda: qtbot.mouseClick(window.submit_button, Qt.LeftButton))
     assert result.finish_reason == "cancelled"
