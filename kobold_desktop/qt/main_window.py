@@ -48,7 +48,7 @@ from kobold_desktop.softprompt import peft_dir
 from kobold_desktop.softprompt.library import SoftPromptLibrary
 from kobold_desktop.story import Action, Story
 from kobold_desktop.story.document import MODEL, USER
-from kobold_desktop.story.files import StoryFileError, load_story, save_story
+from kobold_desktop.story.files import StoryFileError, load_story, read_story, save_story
 
 RECENT_LIMIT = 10
 FLUSH_MS = 40
@@ -629,11 +629,11 @@ class MainWindow(QMainWindow):
                 return
             path = Path(chosen)
         try:
-            story = load_story(path)
+            story, native = read_story(path)
         except StoryFileError as exc:
             self.notify("Cannot open the story", str(exc), error=True)
             return
-        is_ours = not import_only and _is_our_format(path)
+        is_ours = native and not import_only
         self.story, self.redo_stack = story, []
         self.story_path = path if is_ours else None  # an imported story is saved in our format, elsewhere
         if is_ours:
@@ -750,11 +750,3 @@ class MainWindow(QMainWindow):
         self.thread.wait(30_000)
         super().closeEvent(event)
 
-
-def _is_our_format(path: Path) -> bool:
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig")).get("format") == "kobold-desktop-story"
-    except (OSError, ValueError, AttributeError):
-        return False

@@ -34,6 +34,11 @@ def save_story(story: Story, path: Path | str) -> None:
 
 def load_story(path: Path | str) -> Story:
     """Read one of our story files or a KoboldAI-Client story (.json)."""
+    return read_story(path)[0]
+
+
+def read_story(path: Path | str) -> tuple[Story, bool]:
+    """The story, and whether the file is in our own format (False: imported from KoboldAI)."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_STORY_BYTES:
@@ -49,13 +54,13 @@ def load_story(path: Path | str) -> Story:
         if int(data.get("version", 0)) > VERSION:
             raise StoryFileError(f"{path.name} was saved by a newer Kobold Desktop; update the app to open it.")
         try:
-            return Story.from_dict(data)
+            return Story.from_dict(data), True
         except (TypeError, ValueError) as exc:
             raise StoryFileError(f"{path.name} is damaged ({exc}).") from exc
     if isinstance(data.get("actions"), (list, dict)) and isinstance(data.get("prompt", ""), str):
         story = from_koboldai(data)
         story.title = story.title or path.stem
-        return story
+        return story, False
     raise StoryFileError(f"{path.name} is JSON, but neither a Kobold Desktop nor a KoboldAI story.")
 
 
