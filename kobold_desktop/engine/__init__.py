@@ -2,7 +2,8 @@
 
 from kobold_desktop.engine.engine import ActiveSoftPrompt, Engine
 from kobold_desktop.engine.errors import ModelError
-from kobold_desktop.engine.generate import CancelCriteria, GenerationResult, TextChunk
+from kobold_desktop.engine.prefix_cache import PrefixCache
+from kobold_desktop.engine.sequence import CancelCriteria, GenerationResult, TextChunk
 from kobold_desktop.engine.loader import LoadedModel, LoadOptions, load_model
 from kobold_desktop.engine.sampling import SamplingSettings, SettingsError
 
@@ -14,6 +15,7 @@ __all__ = [
     "LoadOptions",
     "LoadedModel",
     "ModelError",
+    "PrefixCache",
     "SamplingSettings",
     "SettingsError",
     "TextChunk",

@@ -1,8 +1,11 @@
-"""The engine: one loaded model, the active soft prompt, and generation.
+"""The engine: one loaded model, the active soft prompt, the prefix cache, and generation.
 
 Everything that uses the model (the window's worker thread, the server, the command
-line) goes through an `Engine`; its lock makes sure two generations never run on the
-model at once. Switching soft prompts never reloads the model.
+line) goes through an `Engine`. Its lock is held for one step of the model at a time,
+never while a stream waits for its reader, so the window and the server take turns
+token by token and an abandoned stream holds nothing. The prefix cache keeps the work
+of finished sequences so that the next turn of a story runs only its new tokens; it
+is emptied whenever the model changes. Switching soft prompts never reloads the model.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from kobold_desktop.engine.generate import (
     stream_generate,
 )
 from kobold_desktop.engine.loader import LoadedModel, LoadOptions, Progress, load_model
+from kobold_desktop.engine.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 from kobold_desktop.engine.sampling import SamplingSettings
+from kobold_desktop.engine.sequence import softprompt_fingerprint
 from kobold_desktop.softprompt import (
     DEFAULT_LIMITS,
     Limits,
@@ -39,6 +44,7 @@ class ActiveSoftPrompt:
     sources: tuple[SoftPrompt, ...]
     tensor: torch.Tensor
     warnings: tuple[str, ...] = ()
+    key: str | None = None  # fingerprint of the rows: equal rows may share cached work
 
     @property
     def name(self) -> str:
@@ -50,11 +56,13 @@ class ActiveSoftPrompt:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel | None = None, limits: Limits = DEFAULT_LIMITS):
+    def __init__(self, loaded: LoadedModel | None = None, limits: Limits = DEFAULT_LIMITS,
+                 prefix_cache_bytes: int = DEFAULT_MAX_BYTES):
         self._loaded = loaded
         self._softprompt: ActiveSoftPrompt | None = None
         self.limits = limits
         self.lock = threading.RLock()
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
 
     # -- the model -------------------------------------------------------------------
 
@@ -84,10 +92,17 @@ class Engine:
 
     def unload(self) -> None:
         with self.lock:
+            self.prefix_cache.clear()
             self._softprompt = None
             if self._loaded is not None:
                 self._loaded.unload()
             self._loaded = None
+
+    def require(self, loaded: LoadedModel) -> None:
+        """Raise unless `loaded` is still the engine's model (it may have been replaced
+        or unloaded between two steps of a stream)."""
+        if self._loaded is not loaded or loaded.model is None:
+            raise ModelError("the model was unloaded or replaced while generating; generate again.")
 
     @property
     def hidden_size(self) -> int:
@@ -123,7 +138,7 @@ class Engine:
                 f"the soft prompt has {tensor.shape[0]} tokens, as many as the model's whole "
                 f"context ({self.context_length}); choose a shorter one."
             )
-        return ActiveSoftPrompt(tuple(described), tensor, tuple(warnings))
+        return ActiveSoftPrompt(tuple(described), tensor, tuple(warnings), softprompt_fingerprint(tensor))
 
     def set_softprompts(self, sources: Sequence[SoftPrompt | str | Path]) -> ActiveSoftPrompt | None:
         """Make these the active soft prompt (none: no soft prompt). On any error the
@@ -156,7 +171,8 @@ class Engine:
         softprompt: ActiveSoftPrompt | None | str = "active",
     ) -> Iterator[StreamEvent]:
         """Stream text chunks, then the result. The prompt is used verbatim: a string is
-        tokenized with the model's special tokens (BOS), a list of ids is used as is."""
+        tokenized with the model's special tokens (BOS), a list of ids is used as is.
+        A prompt that starts like an earlier sequence runs only what is new."""
         with self.lock:
             loaded = self.loaded
             active = self._softprompt if softprompt == "active" else softprompt
@@ -169,14 +185,18 @@ class Engine:
                     f"({settings.max_new_tokens}) need {total} tokens; the model's context is "
                     f"{self.context_length}."
                 )
-            yield from stream_generate(
-                loaded.model,
-                loaded.tokenizer,
-                prompt_ids,
-                active.tensor if active else None,
-                settings,
-                cancel,
-            )
+        yield from stream_generate(
+            loaded.model,
+            loaded.tokenizer,
+            prompt_ids,
+            active.tensor if active else None,
+            settings,
+            cancel,
+            prefix_cache=self.prefix_cache,
+            lock=self.lock,
+            check=lambda: self.require(loaded),
+            softprompt_key=active.key if active else None,
+        )
 
     def generate(
         self,

@@ -2,7 +2,7 @@
 
 Each transform is a transformers `LogitsProcessor` (called with the token history and
 the next-token scores); `pick_next_token` applies the chain and samples, or takes the
-argmax when the temperature is 0.
+argmax when the temperature is 0, on the device where the logits are.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from kobold_desktop.errors import KoboldError
 
 class SettingsError(KoboldError):
     """A sampler setting is out of range."""
+
+
+SEED_LIMIT = 2**64  # torch generators take 64-bit seeds
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class SamplingSettings:
             (0 < self.typical_p <= 1, "typical-p must be above 0 and at most 1"),
             (self.repetition_penalty > 0, "repetition penalty must be above 0"),
             (self.repetition_penalty_range >= 0, "repetition penalty range must be 0 (all) or more"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT),
+             f"the seed must be a whole number from 0 to {SEED_LIMIT - 1}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -126,5 +131,6 @@ def pick_next_token(
     scores = processors(history, logits.float())
     if greedy:
         return scores.argmax(dim=-1)
+    # The draw happens where the logits are: only the chosen id ever crosses to the host.
     probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs.to("cpu"), 1, generator=generator).squeeze(1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

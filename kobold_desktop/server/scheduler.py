@@ -1,24 +1,23 @@
-"""One thread that runs every server request on the model, batching those that wait together.
+"""One thread that runs every server request on the model, batching continuously.
 
-Requests that arrive while a batch runs wait; the next batch takes all of them (up to
-`max_batch`), whatever soft prompt each uses. The engine's lock is held per batch, so
-the window's own generation and the server take turns on the model.
+A request is checked when it is submitted (an impossible one is refused at once, in the
+caller's thread) and joins the running batch at the next step, whatever soft prompt it
+uses; a finished one leaves at once and its client hears at once (vLLM's scheduler does
+the same). The engine's lock is held for one step at a time, so the window's own
+generation and the server take turns on the model token by token.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-import time
 import traceback
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from collections import deque
+from typing import Iterator, Sequence as Seq
 
-import torch
-
-from kobold_desktop.engine import Engine, SamplingSettings
-from kobold_desktop.engine.batch import BatchRequest, generate_batch
-from kobold_desktop.engine.generate import GenerationResult, StreamEvent
+from kobold_desktop.engine import ActiveSoftPrompt, Engine, ModelError, SamplingSettings
+from kobold_desktop.engine.core import StepCore
+from kobold_desktop.engine.sequence import GenerationResult, Sequence, StreamEvent, eos_token_ids
 
 _DONE = object()
 
@@ -53,28 +52,24 @@ class RequestStream:
         return final
 
 
-@dataclass
-class _Pending:
-    prompt_ids: Sequence[int]
-    softprompt: torch.Tensor | None
-    settings: SamplingSettings
-    stream: RequestStream
-
-
 class BatchScheduler:
-    def __init__(self, engine: Engine, max_batch: int = 16, gather_seconds: float = 0.025):
+    def __init__(self, engine: Engine, max_batch: int = 16):
         self.engine = engine
         self.max_batch = max_batch
-        self.gather_seconds = gather_seconds
-        self.batch_sizes: list[int] = []  # for tests and benchmarks
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self.batch_sizes: list[int] = []  # rows in each step, for tests and benchmarks
+        self._queue: queue.Queue[Sequence | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="server-batches", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt_ids: Sequence[int], softprompt: torch.Tensor | None,
+    def submit(self, prompt_ids: Seq[int], softprompt: ActiveSoftPrompt | None,
                settings: SamplingSettings) -> RequestStream:
+        """Queue a request; raises `ModelError` at once for one that cannot run."""
         stream = RequestStream(threading.Event())
-        self._queue.put(_Pending(list(prompt_ids), softprompt, settings, stream))
+        loaded = self.engine.loaded
+        seq = Sequence(prompt_ids, softprompt.tensor if softprompt else None, settings, stream.put, stream.cancel,
+                       tokenizer=loaded.tokenizer, eos=eos_token_ids(loaded.model, loaded.tokenizer),
+                       softprompt_key=softprompt.key if softprompt else None)
+        self._queue.put(seq)
         return stream
 
     def stop(self) -> None:
@@ -82,32 +77,55 @@ class BatchScheduler:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.gather_seconds
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                batch.append(item)
-            self._run_batch(batch)
-
-    def _run_batch(self, batch: list[_Pending]) -> None:
-        self.batch_sizes.append(len(batch))
-        requests = [BatchRequest(p.prompt_ids, p.softprompt, p.settings, p.stream.put, p.stream.cancel) for p in batch]
-        try:
+        waiting: deque[Sequence] = deque()
+        core, loaded = None, None
+        stopping = False
+        while not stopping:
+            idle = not waiting and (core is None or not core.active)
+            try:
+                item = self._queue.get(block=idle)
+                while True:
+                    if item is None:
+                        stopping = True
+                        break
+                    waiting.append(item)
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                with self.engine.lock:
+                    if core is None or not self.engine.is_loaded or self.engine.loaded is not loaded:
+                        if core is not None:
+                            core.fail_all(ModelError("the model was unloaded or replaced while generating."))
+                        if not self.engine.is_loaded:
+                            for seq in waiting:
+                                seq.fail(ModelError("no model is loaded on the server."))
+                            waiting.clear()
+                            core = None
+                            continue
+                        loaded = self.engine.loaded
+                        core = StepCore(loaded.model, self.engine.prefix_cache)
+                    while waiting and len(core.rows) < self.max_batch and core.can_join:
+                        seq = waiting.popleft()
+                        try:
+                            core.add(seq)
+                        except Exception as exc:  # noqa: BLE001 - this request's failure is its own
+                            traceback.print_exc()
+                            seq.fail(exc)
+                    if core.active:
+                        self.batch_sizes.append(len(core.rows))
+                        try:
+                            core.step()
+                        except Exception as exc:  # noqa: BLE001 - the forward pass failed for every row in it
+                            traceback.print_exc()
+                            core.fail_all(exc)
+            except Exception as exc:  # noqa: BLE001 - keep serving whatever happens
+                traceback.print_exc()
+                for seq in waiting:
+                    seq.fail(exc)
+                waiting.clear()
+        for seq in waiting:
+            seq.fail(ModelError("the server is stopping."))
+        if core is not None:
             with self.engine.lock:
-                loaded = self.engine.loaded
-                generate_batch(loaded.model, loaded.tokenizer, requests)
-        except Exception as exc:  # noqa: BLE001 - every waiting client must hear of it
-            traceback.print_exc()
-            for pending in batch:
-                pending.stream.put(exc)
-                pending.stream.put(_DONE)
+                core.close()

@@ -17,7 +17,8 @@ from typing import Any, Iterator
 
 from kobold_desktop import __version__
 from kobold_desktop.engine import ActiveSoftPrompt, Engine, SamplingSettings, SettingsError
-from kobold_desktop.engine.generate import GenerationResult, TextChunk
+from kobold_desktop.engine.sampling import SEED_LIMIT
+from kobold_desktop.engine.sequence import GenerationResult, TextChunk
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.server.config import ServeConfig, ServeConfigError
 from kobold_desktop.server.scheduler import BatchScheduler, RequestStream
@@ -198,12 +199,22 @@ class Service:
             raise ApiError(422, str(exc)) from exc
 
     def _submit(self, prompts: list[list[int]], softprompt, settings, n: int) -> list[RequestStream]:
+        """Queue every request, or none: each is checked before the first joins the batch."""
+        if any(not ids for ids in prompts) and softprompt is None:
+            raise ApiError(400, "the prompt is empty, and this model adds no BOS token and has no soft prompt to "
+                                "start from; send some text.", param="prompt")
         streams = []
         for ids in prompts:
             for copy in range(n):
                 # n copies must differ: each gets its own seed derived from the request's.
-                seeded = settings if settings.seed is None or copy == 0 else settings.with_changes(seed=settings.seed + copy)
-                streams.append(self.scheduler.submit(ids, softprompt.tensor if softprompt else None, seeded))
+                seeded = settings if settings.seed is None or copy == 0 else settings.with_changes(
+                    seed=(settings.seed + copy) % SEED_LIMIT)
+                try:
+                    streams.append(self.scheduler.submit(ids, softprompt, seeded))
+                except KoboldError as exc:
+                    for stream in streams:
+                        stream.cancel.set()
+                    raise ApiError(400, str(exc)) from exc
         return streams
 
     @staticmethod
@@ -318,6 +329,11 @@ class Service:
         self.kobold_softprompt = value or None
         return {}
 
+    @staticmethod
+    def _kobold_seed(value: Any) -> Any:
+        """KoboldAI clients send -1 (or any negative seed) for a random one."""
+        return None if isinstance(value, int) and not isinstance(value, bool) and value < 0 else value
+
     def kobold_generate(self, body: dict) -> dict[str, Any]:
         prompt = _field(body, "prompt", str, "")
         name = _field(body, "soft_prompt", str, None) or self.kobold_softprompt
@@ -325,7 +341,7 @@ class Service:
         settings = self._settings({
             "max_tokens": body.get("max_length", 80), "temperature": body.get("temperature", 0.7),
             "top_p": body.get("top_p", 0.9), "top_k": body.get("top_k", 0),
-            "repetition_penalty": body.get("rep_pen", 1.1), "seed": body.get("sampler_seed"),
+            "repetition_penalty": body.get("rep_pen", 1.1), "seed": self._kobold_seed(body.get("sampler_seed")),
             "stop": body.get("stop_sequence"), "typical_p": body.get("typical", 1.0),
             "min_p": body.get("min_p", 0.0)})
         if "rep_pen_range" in body:
@@ -338,5 +354,5 @@ class Service:
         if room < 1:
             raise ApiError(400, "max_context_length leaves no room for the prompt after max_length and the soft prompt.")
         ids = ids[-room:]  # KoboldAI front ends send the whole story; keep its end
-        result = self.scheduler.submit(ids, softprompt.tensor if softprompt else None, settings).result()
+        result = self._submit([ids], softprompt, settings, 1)[0].result()
         return {"results": [{"text": result.text, "finish_reason": self._finish(result.finish_reason)}]}

@@ -1,0 +1,204 @@
+"""The stepping core: advances any number of sequences by one token per step.
+
+There is one loop in the program, and it is this one. The window and the command line
+run it with one sequence, the server with many that join and leave between steps.
+
+- `add` runs a new sequence's prompt (only the part that no cached sequence already
+  computed) and joins its cache to the running batch, left-padded to the batch's length.
+- `step` picks each row's next token on the model's device (only the ids cross to the
+  host, once per step), feeds them to the rows' text sides, lets finished rows leave
+  (their caches go to the prefix cache), and runs the model once for the rest.
+
+Every row is `[its soft prompt rows][its tokens]`; the attention mask hides the padding
+and explicit position ids count each row from its own start, so a row computes what it
+would alone. An error while picking for one row fails only that row.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from kobold_desktop.engine import kv
+from kobold_desktop.engine.prefix_cache import PrefixCache
+from kobold_desktop.engine.sequence import Sequence
+
+
+def _accepts(model: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class StepCore:
+    def __init__(self, model: Any, prefix_cache: PrefixCache | None = None):
+        self.model = model
+        self.embed = model.get_input_embeddings()
+        self.device = self.embed.weight.device
+        self.prefix_cache = prefix_cache
+        self._extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        self._positions = _accepts(model, "position_ids")
+        self.rows: list[Sequence] = []
+        self._cache: Any = None  # the batch's DynamicCache, rows left-padded
+        self._mask: torch.Tensor | None = None  # [rows, length] 1 for real positions
+        self.tokens_run = 0  # positions the model has been run on (prompt and generated)
+        self.tokens_reused = 0  # positions taken from the prefix cache instead
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rows)
+
+    @property
+    def can_join(self) -> bool:
+        """Whether another sequence can join now (sliding-window and other special caches
+        cannot be padded and joined: their sequences run one at a time)."""
+        return not self.rows or kv.is_joinable(self._cache)
+
+    # -- joining -------------------------------------------------------------------------
+
+    def _forward(self, mask: torch.Tensor, positions: torch.Tensor, cache: Any, **inputs: Any) -> Any:
+        kwargs = {"position_ids": positions} if self._positions else {}
+        return self.model(attention_mask=mask, past_key_values=cache, use_cache=True, **inputs, **kwargs,
+                          **self._extra)
+
+    def add(self, seq: Sequence) -> None:
+        """Run `seq`'s prompt and add it to the batch. Raises on failure (the batch is
+        unchanged); the caller decides whom to tell."""
+        if seq.cancelled():
+            seq.finish("cancelled")
+            return
+        total = seq.n_soft + len(seq.prompt_ids)
+        cache, reused = (None, 0)
+        if self.prefix_cache is not None:
+            cache, reused = self.prefix_cache.lookup(seq.softprompt_key, seq.n_soft, seq.prompt_ids)
+        if reused >= total:  # the whole prompt is cached: run its last position again for the logits
+            reused = total - 1
+            cache = kv.prefix(cache, reused) if reused else None
+        if reused == 0:
+            cache = None
+        device = self.device
+        with torch.inference_mode():
+            ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=device)
+            if reused < seq.n_soft:  # soft prompt rows still to run: go by embeddings
+                embeds = self.embed(ids[None])
+                rows = seq.softprompt[reused:].to(device=device, dtype=embeds.dtype)
+                inputs = {"inputs_embeds": torch.cat([rows[None], embeds], dim=1)}
+            else:
+                inputs = {"input_ids": ids[None, reused - seq.n_soft:]}
+            mask = torch.ones(1, total, dtype=torch.long, device=device)
+            positions = torch.arange(reused, total, device=device)[None]
+            out = self._forward(mask, positions, cache, **inputs)
+        self.tokens_run += total - reused
+        self.tokens_reused += reused
+        if seq.text is not None:
+            seq.text.cached_tokens = reused
+        seq.next_position = total
+        seq.history = ids[None]
+        seq.logits = out.logits[:, -1, :]
+        self._join(seq, out.past_key_values, mask)
+
+    def _join(self, seq: Sequence, cache: Any, mask: torch.Tensor) -> None:
+        if not self.rows:
+            self.rows, self._cache, self._mask = [seq], cache, mask
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        kv.join(self._cache, cache)
+        pad = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731 - zeros on the left
+        self._mask = torch.cat([pad(self._mask), pad(mask)])
+        self.rows.append(seq)
+
+    # -- stepping ------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[Sequence, int]]:
+        """Pick one token for every row, let finished rows leave, and run the model for the
+        others. Returns the (sequence, token id) pairs picked."""
+        picked, keep, tokens = [], [], []
+        with torch.inference_mode():
+            for seq in self.rows:
+                if seq.cancelled():
+                    continue
+                try:
+                    tokens.append(seq.pick())
+                    picked.append(seq)
+                except Exception as exc:  # noqa: BLE001 - one row's failure is its own
+                    seq.fail(exc)
+            ids = torch.cat(tokens).tolist() if tokens else []  # the one transfer to the host
+        result = list(zip(picked, ids))
+        token_of = {id(seq): (i, token) for i, (seq, token) in enumerate(result)}
+        for index, seq in enumerate(self.rows):
+            if seq.done:
+                continue
+            if id(seq) not in token_of:
+                seq.finish("cancelled")
+                continue
+            i, token = token_of[id(seq)]
+            if seq.feed(token):
+                seq.finish()
+            else:
+                keep.append((index, seq, tokens[i], token))
+        self._leave([index for index, *_ in keep])
+        if keep:
+            self._run([seq for _, seq, _, _ in keep], torch.cat([t for _, _, t, _ in keep]),
+                      [token for *_, token in keep])
+        return result
+
+    def _leave(self, keep: list[int]) -> None:
+        """Drop the rows not in `keep`, storing their caches for reuse."""
+        if len(keep) == len(self.rows):
+            return
+        kept = set(keep)
+        for index, seq in enumerate(self.rows):
+            if index not in kept:
+                self._store(index, seq)
+        if not keep:
+            self.rows, self._cache, self._mask = [], None, None
+            return
+        mask = self._mask[keep]
+        drop = int((mask.sum(dim=0) == 0).int().cumprod(dim=0).sum())  # leading columns no row uses
+        if kv.is_joinable(self._cache):
+            kv.select(self._cache, torch.tensor(keep, device=self._mask.device), drop)
+        else:  # a single-row cache of a kind we cannot cut: only one row is ever here
+            drop = 0
+        self._mask = mask[:, drop:]
+        self.rows = [self.rows[i] for i in keep]
+
+    def _store(self, index: int, seq: Sequence) -> None:
+        if self.prefix_cache is None or not kv.is_joinable(self._cache):
+            return
+        n = seq.n_soft + len(seq.fed_ids)
+        if len(self.rows) == 1 and kv.length(self._cache) == n:
+            cache = self._cache  # the batch was this row alone: nothing to copy
+        else:
+            cache = kv.row(self._cache, index, n)
+        self.prefix_cache.store(seq.softprompt_key, seq.n_soft, seq.fed_ids, cache)
+
+    def _run(self, rows: list[Sequence], tokens: torch.Tensor, host_ids: list[int]) -> None:
+        """One forward pass for `rows`, each fed its new token (`tokens` on the device,
+        `host_ids` the same ids on the host)."""
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        positions = torch.tensor([[seq.next_position] for seq in rows], device=self.device)
+        with torch.inference_mode():
+            out = self._forward(self._mask, positions, self._cache, input_ids=tokens[:, None])
+        self._cache = out.past_key_values
+        self.tokens_run += len(rows)
+        logits = out.logits[:, -1, :]
+        for i, seq in enumerate(rows):
+            seq.history = torch.cat([seq.history, tokens[i : i + 1, None]], dim=1)
+            seq.fed_ids.append(host_ids[i])
+            seq.next_position += 1
+            seq.logits = logits[i : i + 1]
+
+    def fail_all(self, error: BaseException) -> None:
+        """The model itself failed: every row hears of it, and the batch is emptied."""
+        for seq in self.rows:
+            seq.fail(error)
+        self.rows, self._cache, self._mask = [], None, None
+
+    def close(self) -> None:
+        """End every row now (their caches are kept for reuse)."""
+        for seq in self.rows:
+            seq.finish("cancelled")
+        self._leave([])

@@ -1,0 +1,95 @@
+"""The KV caches of finished sequences, kept so that the next request reuses their work.
+
+A story grows by a sentence per turn: the next request is the last one plus a little.
+Each entry is the cache of `[soft prompt rows][token ids]` that a sequence ran; a new
+request looks for the entry sharing the longest prefix with it and runs only the rest
+(llama.cpp's server and mlx-lm's prompt cache do the same). Entries are keyed by the
+soft prompt's fingerprint too, because its rows come first: another soft prompt shares
+nothing. An LRU bounded in bytes; the newest entry is always kept, since it is the one
+the window's next turn needs and its memory was in use a moment ago anyway.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from kobold_desktop.engine import kv
+
+DEFAULT_MAX_BYTES = 2 * 1024**3
+
+
+@dataclass
+class _Entry:
+    softprompt_key: str | None
+    n_soft: int
+    ids: tuple[int, ...]
+    cache: Any
+    nbytes: int
+
+    @property
+    def n_positions(self) -> int:
+        return self.n_soft + len(self.ids)
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_entries: int = 16):
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def lookup(self, softprompt_key: str | None, n_soft: int, ids: Sequence[int]) -> tuple[Any, int]:
+        """The cache of the longest stored prefix of `[soft prompt][ids]` and its length in
+        positions (soft prompt rows included), or (None, 0). The cache returned is a new
+        object over the stored tensors; growing it never changes the entry."""
+        best, best_n = None, 0
+        with self._lock:
+            for key, entry in self._entries.items():
+                if entry.softprompt_key != softprompt_key or entry.n_soft != n_soft:
+                    continue
+                n = n_soft + _common(entry.ids, ids)
+                if n > best_n:
+                    best, best_n = key, n
+            if best is None:
+                return None, 0
+            self._entries.move_to_end(best)
+            return kv.prefix(self._entries[best].cache, best_n), best_n
+
+    def store(self, softprompt_key: str | None, n_soft: int, ids: Sequence[int], cache: Any) -> None:
+        """Keep `cache`, which holds exactly `n_soft + len(ids)` positions of one row."""
+        if not kv.is_joinable(cache) or kv.length(cache) != n_soft + len(ids):
+            return
+        entry = _Entry(softprompt_key, n_soft, tuple(ids), cache, kv.nbytes(cache))
+        with self._lock:
+            # An entry that is a prefix of the new one can give nothing the new one cannot.
+            for key in [k for k, e in self._entries.items()
+                        if e.softprompt_key == softprompt_key and e.n_soft == n_soft
+                        and len(e.ids) <= len(entry.ids) and entry.ids[: len(e.ids)] == e.ids]:
+                del self._entries[key]
+            self._entries[self._next] = entry
+            self._next += 1
+            while len(self._entries) > 1 and (self.nbytes > self.max_bytes or len(self._entries) > self.max_entries):
+                self._entries.popitem(last=False)

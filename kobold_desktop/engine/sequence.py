@@ -1,0 +1,248 @@
+"""One sequence being generated: what it asked for, its sampling state and its text.
+
+The stepping core (`core.py`) advances any number of these together. A `Sequence`
+carries everything that belongs to one request: its soft prompt rows, prompt ids,
+sampler chain, seeded generator, stop sequences, token budget, cancel flag and the sink
+its events go to. Its `Continuation` is the text side: tokens in, text chunks out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence as Seq, Union
+
+import torch
+from transformers import StoppingCriteria
+
+from kobold_desktop.engine.detokenize import IncrementalDetokenizer, StopSequences
+from kobold_desktop.engine.errors import ModelError
+from kobold_desktop.engine.sampling import SamplingSettings, build_processors, pick_next_token
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str  # the continuation only, stop sequence trimmed
+    finish_reason: str  # "length", "stop" or "cancelled"
+    prompt_tokens: int
+    softprompt_tokens: int
+    generated_tokens: int
+    seconds: float
+    token_ids: tuple[int, ...] = ()
+    cached_tokens: int = 0  # positions (soft prompt rows included) taken from an earlier sequence's cache
+    first_token_seconds: float | None = None  # from the request to its first token
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "softprompt_tokens": self.softprompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+StreamEvent = Union[TextChunk, GenerationResult]
+Sink = Callable[[Any], None]  # receives TextChunk, GenerationResult, or an exception
+
+
+class CancelCriteria(StoppingCriteria):
+    """Stops generation once `event` is set (from any thread). As a transformers
+    `StoppingCriteria` it also stops `model.generate`; our core reads `is_set()`, which
+    allocates nothing."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def softprompt_fingerprint(tensor: torch.Tensor | None) -> str | None:
+    """Identifies soft prompt rows for cache reuse: equal rows, equal fingerprint."""
+    if tensor is None:
+        return None
+    data = tensor.detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+class Continuation:
+    """The text side of one generated sequence: turns its tokens into text chunks and
+    decides when it ends (EOS, a stop sequence, max new tokens, cancel)."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: Seq[int], softprompt_tokens: int,
+                 settings: SamplingSettings, eos: set[int], cancel: threading.Event | None = None):
+        self.start = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.settings = settings
+        self.prompt_tokens = len(prompt_ids)
+        self.softprompt_tokens = softprompt_tokens
+        self.cached_tokens = 0
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._stops = StopSequences(settings.stop)
+        self._eos = eos
+        self._cancel = cancel
+        self._pieces: list[str] = []
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+
+    def cancelled(self) -> bool:
+        return self._cancel is not None and self._cancel.is_set()
+
+    def _emit(self, text: str) -> list[TextChunk]:
+        if not text:
+            return []
+        self._pieces.append(text)
+        return [TextChunk(text)]
+
+    def feed(self, token: int) -> list[TextChunk]:
+        """Take the next token; returns the text that became final. Sets `finish_reason`
+        when the sequence is over (then `close()` gives the rest)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if token in self._eos:
+            self.finish_reason = "stop"
+            return []
+        self.generated.append(token)
+        chunks = self._emit(self._stops.feed(self._detokenizer.add(token)))
+        if self._stops.stopped:
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.settings.max_new_tokens:
+            self.finish_reason = "length"
+        elif self.cancelled():
+            self.finish_reason = "cancelled"
+        return chunks
+
+    def close(self, reason: str | None = None) -> list[TextChunk]:
+        """End the sequence (with `reason` if it has none yet): the held-back text."""
+        self.finish_reason = self.finish_reason or reason or "length"
+        if self._stops.stopped:
+            return []
+        chunks = self._emit(self._stops.feed(self._detokenizer.flush()))
+        if self._stops.stopped:
+            self.finish_reason = "stop"
+            return chunks
+        return chunks + self._emit(self._stops.flush())
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text="".join(self._pieces),
+            finish_reason=self.finish_reason or "length",
+            prompt_tokens=self.prompt_tokens,
+            softprompt_tokens=self.softprompt_tokens,
+            generated_tokens=len(self.generated),
+            seconds=time.perf_counter() - self.start,
+            token_ids=tuple(self.generated),
+            cached_tokens=self.cached_tokens,
+            first_token_seconds=None if self.first_token_at is None else self.first_token_at - self.start,
+        )
+
+
+class Sequence:
+    """One request in the stepping core.
+
+    Without a tokenizer (`text=None`) the sequence never ends by itself: the caller reads
+    token ids and stops when it likes (`generate_step`). With one, its `Continuation`
+    decides, and text chunks then the result go to `sink`.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: Seq[int],
+        softprompt: torch.Tensor | None,
+        settings: SamplingSettings,
+        sink: Sink | None = None,
+        cancel: threading.Event | None = None,
+        *,
+        tokenizer: Any = None,
+        eos: set[int] = frozenset(),
+        softprompt_key: str | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        self.prompt_ids = [int(t) for t in prompt_ids]
+        self.softprompt = softprompt
+        self.n_soft = 0 if softprompt is None else int(softprompt.shape[0])
+        if self.n_soft + len(self.prompt_ids) == 0:
+            raise ModelError("the prompt is empty and there is no soft prompt to start from.")
+        if softprompt is not None and softprompt_key is None:
+            softprompt_key = softprompt_fingerprint(softprompt)
+        self.softprompt_key = softprompt_key
+        self.settings = settings
+        self.sink = sink or (lambda event: None)
+        self.cancel = cancel
+        self.text = (Continuation(tokenizer, self.prompt_ids, self.n_soft, settings, eos, cancel)
+                     if tokenizer is not None else None)
+        self.processors = build_processors(settings)
+        self._generator = generator
+        self.fed_ids = list(self.prompt_ids)  # token ids whose keys and values are in the cache
+        self.next_position = 0  # set by the core when the prompt has been run
+        self.history: torch.Tensor | None = None  # [1, n] on the model's device, for the penalties
+        self.logits: torch.Tensor | None = None  # [1, vocab]: the next token's scores
+        self.done = False
+
+    def generator_for(self, device: torch.device) -> torch.Generator | None:
+        """The private generator, on the device where the draw happens (seeded runs are
+        reproducible on the same device)."""
+        if self._generator is None and self.settings.seed is not None:
+            self._generator = torch.Generator(device=device).manual_seed(self.settings.seed)
+        return self._generator
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def pick(self) -> torch.Tensor:
+        """The next token id as a [1] tensor on the logits' device."""
+        return pick_next_token(self.history, self.logits, self.processors, self.settings.greedy,
+                               self.generator_for(self.logits.device))
+
+    def feed(self, token: int) -> bool:
+        """The chosen token: its text goes to the sink. True when the sequence is over."""
+        if self.text is None:
+            return self.cancelled()
+        for chunk in self.text.feed(token):
+            self.sink(chunk)
+        return self.text.finish_reason is not None
+
+    def finish(self, reason: str | None = None) -> None:
+        """Close the text side and send the result (once)."""
+        if self.done:
+            return
+        self.done = True
+        if self.text is not None:
+            for chunk in self.text.close(reason):
+                self.sink(chunk)
+            self.sink(self.text.result())
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self.sink(error)
