@@ -256,7 +256,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     engine = Engine()
     model = resolve_model(args.model)
     print(f"Loading {model} ...", file=sys.stderr)
-    loaded = engine.load(model, LoadOptions(device=args.device, dtype=args.dtype))
+    from kobold_desktop.engine.device import choose_device
+
+    # Gradients want float32 on a CPU (bfloat16 there is for reading, not for learning);
+    # GPUs tune float32 weights under autocast, or float16 weights with loss scaling.
+    dtype = args.dtype or ("float32" if choose_device(args.device).type == "cpu" else None)
+    loaded = engine.load(model, LoadOptions(device=args.device, dtype=dtype))
     blocks = make_blocks(text, loaded.tokenizer, config.block_len, config.held_out_share, config.seed)
     print(f"{blocks.train.shape[0]} training blocks, {blocks.held_out.shape[0]} held out, "
           f"{config.block_len} tokens each", file=sys.stderr)
@@ -319,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--model", metavar="PATH_OR_ID", help="the model to load in the window")
     parser.add_argument("--softprompt", metavar="NAME_OR_PATH", help="the soft prompt to load in the window")
+    parser.add_argument("--dtype", metavar="T",
+                        help="float32, float16 or bfloat16 (default: bfloat16 where the GPU or CPU computes it "
+                             "natively, else float16 on GPUs and float32 on CPUs)")
+    parser.add_argument("--device", metavar="D", help="cuda, cuda:1, mps or cpu (default: a GPU if there is one)")
     parser.add_argument("--screenshot", metavar="PNG", help="start the window, save it as PNG when ready, exit")
     parser.add_argument("--self-test", action="store_true",
                         help="check headless that the demo model, soft prompts and window code work; exit 0 if so")

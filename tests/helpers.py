@@ -16,6 +16,17 @@ CORPUS = [
 ARCHITECTURES = ("gpt2", "llama", "gpt_neox", "opt", "bloom")
 
 
+def _float32():
+    from kobold_desktop.engine import LoadOptions
+
+    return LoadOptions(dtype="float32")
+
+
+# Tests that compare with a float32 reference (transformers, PEFT, a request run alone)
+# load in float32: on CPUs with native bfloat16 the default would be bfloat16.
+FLOAT32 = _float32()
+
+
 def tiny_tokenizer(add_bos: bool = False):
     """A byte-level BPE tokenizer (like GPT-2's) trained on a few sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

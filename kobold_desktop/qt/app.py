@@ -1,4 +1,4 @@
-"""Starting the window: `kobold-desktop [--model M] [--softprompt S] [--screenshot PNG]`."""
+"""Starting the window: `kobold-desktop [--model M] [--softprompt S] [--dtype T] [--device D] [--screenshot PNG]`."""
 
 from __future__ import annotations
 
@@ -68,7 +68,10 @@ def run_window(args: argparse.Namespace) -> int:
         if model is None:
             QTimer.singleShot(0, take_screenshot)
     if model is not None:
-        window.load_model(model, softprompt=softprompt)
+        from kobold_desktop.engine import LoadOptions
+
+        options = LoadOptions(device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+        window.load_model(model, options, softprompt=softprompt)
     elif not screenshot:
         window.statusBar().showMessage("No model yet: choose Model ▸ Load model…")
     app.exec()

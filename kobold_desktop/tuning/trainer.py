@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from kobold_desktop.engine.device import cuda_has_native_bf16
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.fileio import atomic_write_bytes
 from kobold_desktop.tuning.data import Blocks
@@ -137,14 +138,28 @@ def held_out_loss(model: Any, rows: torch.Tensor | None, blocks: torch.Tensor, b
     return total / blocks.shape[0]
 
 
+def _compute_dtype(model: Any, config: TuningConfig) -> tuple[torch.dtype, bool]:
+    """The dtype the forward pass computes in, and whether that comes from autocast."""
+    weight = _embed_matrix(model)
+    if config.mixed_precision and weight.device.type == "cuda" and weight.dtype == torch.float32:
+        return (torch.bfloat16 if cuda_has_native_bf16() else torch.float16), True
+    return weight.dtype, False
+
+
 def _autocast_for(model: Any, config: TuningConfig):
-    device = _embed_matrix(model).device
-    if config.mixed_precision and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype, autocast = _compute_dtype(model, config)
+    if autocast:
         return lambda: torch.autocast("cuda", dtype=dtype)
     import contextlib
 
     return contextlib.nullcontext
+
+
+def grad_scaler_for(model: Any, config: TuningConfig) -> torch.amp.GradScaler:
+    """float16 gradients underflow without loss scaling; bfloat16 and float32 need none
+    (the scaler is then a pass-through)."""
+    dtype, _ = _compute_dtype(model, config)
+    return torch.amp.GradScaler(_embed_matrix(model).device.type, enabled=dtype == torch.float16)
 
 
 def _set_checkpointing(model: Any, on: bool) -> None:
@@ -216,6 +231,7 @@ def train_softprompt(
     else:
         model.eval()  # no dropout: exactly reproducible, and the model as it will be used
     autocast = _autocast_for(model, config)
+    scaler = grad_scaler_for(model, config)
     try:
         rows = torch.nn.Parameter(initial_rows(model, tokenizer, config).to(device))
         optimizer = _optimizer([rows], config)
@@ -227,6 +243,8 @@ def train_softprompt(
             with torch.no_grad():
                 rows.copy_(state["rows"].to(device))
             optimizer.load_state_dict(state["optimizer"])
+            if "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
             generator.set_state(state["generator"])
             step, history = int(state["step"]), list(state["history"])
 
@@ -235,6 +253,7 @@ def train_softprompt(
                 _save_checkpoint(checkpoint, {
                     "config": asdict(config), "rows": rows.detach().cpu(), "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(), "step": step, "history": history,
+                    "scaler": scaler.state_dict(),
                 })
 
         last_held = history[-1].get("held_out_loss") if history else None
@@ -252,9 +271,10 @@ def train_softprompt(
             for _ in range(config.grad_accum):
                 pick = torch.randint(0, blocks.train.shape[0], (config.batch_size,), generator=generator)
                 loss = _batch_loss(model, rows, blocks.train[pick], autocast) / config.grad_accum
-                loss.backward()
+                scaler.scale(loss).backward()
                 loss_sum += loss.item()
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             held = None
             if blocks.held_out.numel() and (step % config.eval_every == 0 or step == config.steps):

@@ -2,12 +2,14 @@ import pytest
 
 from kobold_desktop.engine import Engine
 
+from ..helpers import FLOAT32
+
 
 
 @pytest.fixture(scope="session")
 def gpt2_engine(model_dirs):
     engine = Engine()
-    engine.load(model_dirs["gpt2"])
+    engine.load(model_dirs["gpt2"], FLOAT32)
     return engine
 
 

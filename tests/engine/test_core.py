@@ -10,13 +10,13 @@ import threading
 import pytest
 import torch
 
-from kobold_desktop.engine import Engine, GenerationResult, LoadOptions, ModelError, SamplingSettings, TextChunk
+from kobold_desktop.engine import Engine, GenerationResult, ModelError, SamplingSettings, TextChunk
 from kobold_desktop.engine.core import StepCore
 from kobold_desktop.engine.generate import generate_step
 from kobold_desktop.engine.sequence import Sequence, eos_token_ids
 from kobold_desktop.softprompt import Metadata, kobold_zip
 
-from ..helpers import ARCHITECTURES
+from ..helpers import ARCHITECTURES, FLOAT32
 
 GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=16)
 PROMPTS = ["The knight", "Once upon a time there was a", "In", "She opened the door and saw"]
@@ -44,7 +44,7 @@ class TokenCounter:
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def arch_engine(request, model_dirs):
     engine = Engine()
-    engine.load(model_dirs[request.param], LoadOptions(dtype="float32"))
+    engine.load(model_dirs[request.param], FLOAT32)
     yield request.param, engine
     engine.unload()
 
@@ -200,10 +200,10 @@ def test_a_different_softprompt_never_reuses(engine, tmp_path):
 
 def test_loading_a_model_empties_the_prefix_cache(model_dirs):
     engine = Engine()
-    engine.load(model_dirs["gpt2"], LoadOptions(dtype="float32"))
+    engine.load(model_dirs["gpt2"], FLOAT32)
     engine.generate("The knight", GREEDY)
     assert len(engine.prefix_cache) == 1
-    engine.load(model_dirs["gpt2"], LoadOptions(dtype="float32"))
+    engine.load(model_dirs["gpt2"], FLOAT32)
     assert len(engine.prefix_cache) == 0
     assert engine.generate("The knight", GREEDY).cached_tokens == 0
 
@@ -258,7 +258,7 @@ def test_an_abandoned_stream_holds_no_lock(engine):
 
 def test_unloading_during_a_stream_is_a_clear_error(model_dirs):
     engine = Engine()
-    engine.load(model_dirs["gpt2"], LoadOptions(dtype="float32"))
+    engine.load(model_dirs["gpt2"], FLOAT32)
     stream = engine.stream("The knight", GREEDY.with_changes(max_new_tokens=50))
     next(stream)
     engine.unload()

@@ -9,7 +9,7 @@ from kobold_desktop.engine import Engine, GenerationResult, ModelError, Sampling
 from kobold_desktop.softprompt import Metadata, kobold_zip
 from kobold_desktop.softprompt.errors import HiddenSizeMismatchError
 
-from ..helpers import ARCHITECTURES
+from ..helpers import ARCHITECTURES, FLOAT32
 
 GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=24)
 PROMPT = "The knight rode through the dark"
@@ -27,7 +27,7 @@ def reference_generate(model, ids, max_new_tokens, eos_id=0, **kwargs):
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def arch_engine(request, model_dirs):
     engine = Engine()
-    engine.load(model_dirs[request.param])
+    engine.load(model_dirs[request.param], FLOAT32)
     yield request.param, engine
     engine.unload()
 
@@ -72,7 +72,7 @@ def test_peft_prompt_tuning_adapter_matches_peft_generate(model_dirs, tmp_path, 
     peft_model.save_pretrained(tmp_path / "adapter")
 
     engine = Engine()
-    engine.load(model_dirs[arch])
+    engine.load(model_dirs[arch], FLOAT32)
     active = engine.set_softprompt(tmp_path / "adapter")
     assert active.n_tokens == 7
     ids = engine.encode(PROMPT)

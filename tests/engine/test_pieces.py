@@ -8,7 +8,7 @@ import torch
 
 from kobold_desktop.engine import Engine, ModelError, SamplingSettings
 from kobold_desktop.engine.detokenize import IncrementalDetokenizer, StopSequences
-from kobold_desktop.engine.device import choose_device, choose_dtype
+from kobold_desktop.engine.device import choose_device, choose_dtype, cpu_has_native_bf16
 from kobold_desktop.engine.sampling import RangedRepetitionPenalty
 
 from ..helpers import tiny_tokenizer
@@ -59,13 +59,43 @@ def test_device_and_dtype_choice_on_this_machine():
     device = choose_device()
     if not torch.cuda.is_available():
         assert device.type in ("cpu", "mps")
-    assert choose_dtype(torch.device("cpu")) == torch.float32
+    native = cpu_has_native_bf16()
+    assert choose_dtype(torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
     assert choose_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    assert choose_dtype(torch.device("cpu"), "float32") == torch.float32
     with pytest.raises(ModelError, match="unknown dtype"):
         choose_dtype(torch.device("cpu"), "float8")
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="no CUDA GPU"):
             choose_device("cuda")
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_cpus_get_bfloat16_only_where_it_is_native(monkeypatch, native, expected):
+    monkeypatch.setattr("kobold_desktop.engine.device.cpu_has_native_bf16", lambda: native)
+    assert choose_dtype(torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_gpus_get_bfloat16_only_where_it_is_native(monkeypatch, native, expected):
+    monkeypatch.setattr("kobold_desktop.engine.device.cuda_has_native_bf16", lambda device=None: native)
+    assert choose_dtype(torch.device("cuda")) == expected
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    from kobold_desktop.engine import device
+
+    for flags, expected in (("fpu avx2 avx512f avx512_bf16 amx_tile", True), ("fpu avx2 amx_bf16", True),
+                            ("fpu avx2 avx512f avx512_vnni", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        real_path = device.Path
+        monkeypatch.setattr(device, "Path", lambda p: real_path(tmp_path / "cpuinfo"))
+        device.cpu_has_native_bf16.cache_clear()
+        try:
+            assert device.cpu_has_native_bf16() is expected
+        finally:
+            monkeypatch.setattr(device, "Path", real_path)
+            device.cpu_has_native_bf16.cache_clear()
 
 
 def test_load_reports_progress_and_unload_frees(model_dirs):
@@ -74,7 +104,7 @@ def test_load_reports_progress_and_unload_frees(model_dirs):
     loaded = engine.load(model_dirs["gpt2"], progress=lambda message, fraction: steps.append((message, fraction)))
     fractions = [f for _, f in steps]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(steps) >= 4
-    assert loaded.info.hidden_size == 32 and loaded.dtype == torch.float32
+    assert loaded.info.hidden_size == 32 and loaded.dtype == choose_dtype(torch.device("cpu"))
     assert engine.context_length == 256
     ref = weakref.ref(loaded.model)
     del loaded

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from kobold_desktop.engine import Engine
+
+from ..helpers import FLOAT32
 from kobold_desktop.server.config import ServeConfig
 from kobold_desktop.server.http import KoboldServer
 from kobold_desktop.server.service import Service
@@ -14,7 +16,7 @@ from kobold_desktop.softprompt import Metadata, kobold_zip
 @pytest.fixture(scope="module")
 def server_engine(model_dirs):
     engine = Engine()
-    engine.load(model_dirs["gpt2"])
+    engine.load(model_dirs["gpt2"], FLOAT32)
     return engine
 
 

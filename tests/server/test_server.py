@@ -183,3 +183,63 @@ def test_refused_at_start(server_engine, adapter_files):
     with pytest.raises(ServeConfigError, match="40 tokens is more than max_prompt_adapter_token \\(32\\)"):
         Service(server_engine, ServeConfig(prompt_adapters={"long": str(adapter_files["long"])},
                                            max_prompt_adapter_token=32))
+
+
+def test_one_bad_request_among_three_concurrent_fails_alone(client, server_engine):
+    bodies = [{**BODY, "prompt": "The knight"}, {**BODY, "prompt": "Once", "seed": 2**64, "temperature": 1.0},
+              {**BODY, "prompt": "In the"}]
+    answers = [None] * 3
+    barrier = threading.Barrier(3)
+
+    def ask(i):
+        barrier.wait()
+        answers[i] = client.call("POST", "/v1/completions", bodies[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers[1][0] == 422 and "seed" in answers[1][1]["error"]["message"]
+    for i in (0, 2):
+        assert answers[i][0] == 200
+        assert answers[i][1]["choices"][0]["text"] == expected(server_engine, bodies[i]["prompt"]).text
+    assert client.call("POST", "/v1/completions", BODY)[0] == 200  # and it keeps serving
+
+
+def test_a_short_request_joins_a_running_batch_and_is_answered_first(client, server, server_engine):
+    """The long request streams; the short one is sent once the long one has begun, joins
+    its batch, and its answer arrives while the long one still runs."""
+    order, first_chunk = [], threading.Event()
+    long_body = {**BODY, "prompt": "The dragon", "max_tokens": 200, "stream": True}
+    long_settings = GREEDY.with_changes(max_new_tokens=200)
+    server_engine.loaded.model.generation_config.eos_token_id = None  # run all 200 tokens
+    eos = server_engine.loaded.tokenizer.eos_token
+    server_engine.loaded.tokenizer.eos_token = None
+    try:
+        def long():
+            response = client.raw("POST", "/v1/completions", long_body)
+            text = []
+            for line in response:
+                if line.startswith(b"data: {"):
+                    first_chunk.set()
+                    text.append(__import__("json").loads(line[6:])["choices"][0]["text"])
+            order.append(("long", "".join(text)))
+
+        thread = threading.Thread(target=long)
+        thread.start()
+        assert first_chunk.wait(60)
+        status, body = client.call("POST", "/v1/completions", {**BODY, "prompt": "In the", "max_tokens": 4})
+        order.append(("short", body["choices"][0]["text"]))
+        thread.join()
+        assert [name for name, _ in order] == ["short", "long"]
+        assert order[0][1] == expected(server_engine, "In the", settings=GREEDY.with_changes(max_new_tokens=4)).text
+        assert order[1][1] == expected(server_engine, "The dragon", settings=long_settings).text
+    finally:
+        server_engine.loaded.tokenizer.eos_token = eos
+        server_engine.loaded.model.generation_config.eos_token_id = 0
+
+
+def test_an_empty_prompt_with_nothing_to_start_from_is_refused(client):
+    status, body = client.call("POST", "/v1/completions", {**BODY, "prompt": ""})
+    assert status == 400 and "prompt is empty" in body["error"]["message"]

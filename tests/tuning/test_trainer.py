@@ -197,3 +197,32 @@ def test_held_out_loss_scores_the_same_tokens_with_and_without(tune_engine):
     finally:
         del model.forward
     assert with_softprompt == without == blocks.shape[0] * (blocks.shape[1] - 1)
+
+
+def test_float16_tuning_scales_the_loss(tune_model_dir, monkeypatch):
+    """float16 gradients underflow; a float16 model tunes through a gradient scaler."""
+    from kobold_desktop.engine import Engine, LoadOptions
+    from kobold_desktop.tuning import trainer
+
+    engine = Engine()
+    engine.load(tune_model_dir, LoadOptions(dtype="float16"))
+    scales = []
+    real = trainer.grad_scaler_for
+
+    def recording(model, config):
+        scaler = real(model, config)
+        original = scaler.scale
+        scaler.scale = lambda loss: scales.append(scaler.get_scale()) or original(loss)
+        return scaler
+
+    monkeypatch.setattr(trainer, "grad_scaler_for", recording)
+    config = TuningConfig(n_tokens=4, steps=3, batch_size=2, block_len=16, init="vocab")
+    result = train_softprompt(engine.loaded.model, engine.loaded.tokenizer, blocks_for(engine, config), config)
+    assert result.steps_done == 3 and torch.isfinite(result.tensor).all()
+    assert len(scales) == 3 and all(scale > 1 for scale in scales)
+
+
+def test_float32_and_bfloat16_tuning_need_no_scaler(tune_engine):
+    from kobold_desktop.tuning.trainer import grad_scaler_for
+
+    assert not grad_scaler_for(tune_engine.loaded.model, FAST).is_enabled()
