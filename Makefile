@@ -29,7 +29,7 @@ bundle: $(STAMP)
 	$(PY) packaging/build.py
 
 bench: $(STAMP)
-	for script in benchmarks/*.py; do $(PY) $$script || exit 1; done
+	for script in benchmarks/[!_]*.py; do $(PY) $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -52,6 +52,7 @@ def main() -> None:
             assert out.shape[1] == PROMPT_TOKENS + NEW_TOKENS
 
         def ours(prompt=ids[0].tolist()):
+            engine.prefix_cache.clear()  # every run reads its whole prompt, as model.generate does
             result = engine.generate(prompt, settings)
             assert result.generated_tokens == NEW_TOKENS, result.finish_reason
 
@@ -63,6 +64,7 @@ def main() -> None:
 
         def with_softprompt(n):
             def run():
+                engine.prefix_cache.clear()
                 result = engine.generate(ids[0].tolist(), settings, softprompt=softprompts[n])
                 assert result.generated_tokens == NEW_TOKENS
             return run

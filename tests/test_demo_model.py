@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from kobold_desktop import paths
 from kobold_desktop.engine import Engine, SamplingSettings

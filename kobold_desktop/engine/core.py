@@ -186,7 +186,8 @@ class StepCore:
         self.tokens_run += len(rows)
         logits = out.logits[:, -1, :]
         for i, seq in enumerate(rows):
-            seq.history = torch.cat([seq.history, tokens[i : i + 1, None]], dim=1)
+            if seq.processors:  # only the penalties read the history
+                seq.history = torch.cat([seq.history, tokens[i : i + 1, None]], dim=1)
             seq.fed_ids.append(host_ids[i])
             seq.next_position += 1
             seq.logits = logits[i : i + 1]

@@ -25,6 +25,13 @@ def startup_model(requested: str | None, settings: Settings) -> str | None:
     return str(demo) if (demo / "config.json").is_file() else None
 
 
+def startup_options(args: argparse.Namespace):
+    """`--dtype` and `--device` for the model loaded at start."""
+    from kobold_desktop.engine import LoadOptions
+
+    return LoadOptions(device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+
+
 def startup_softprompt(requested: str | None, library: SoftPromptLibrary) -> Path | None:
     if requested:
         candidate = Path(requested).expanduser()
@@ -68,10 +75,7 @@ def run_window(args: argparse.Namespace) -> int:
         if model is None:
             QTimer.singleShot(0, take_screenshot)
     if model is not None:
-        from kobold_desktop.engine import LoadOptions
-
-        options = LoadOptions(device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
-        window.load_model(model, options, softprompt=softprompt)
+        window.load_model(model, startup_options(args), softprompt=softprompt)
     elif not screenshot:
         window.statusBar().showMessage("No model yet: choose Model ▸ Load model…")
     app.exec()

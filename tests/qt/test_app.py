@@ -64,3 +64,12 @@ def test_first_start_uses_the_demo_model(tmp_path, monkeypatch):
     settings.set("model.last", "org/model")
     assert startup_model(None, settings) == "org/model"
     assert startup_model("/explicit", settings) == "/explicit"
+
+
+def test_dtype_and_device_reach_the_window_load(tmp_path):
+    from kobold_desktop.cli import build_parser
+    from kobold_desktop.qt.app import startup_options
+
+    args = build_parser().parse_args(["--model", "m", "--dtype", "bfloat16", "--device", "cpu"])
+    assert startup_options(args) == LoadOptions(device="cpu", dtype="bfloat16")
+    assert startup_options(build_parser().parse_args([])) == LoadOptions()
