@@ -74,6 +74,8 @@ class StepCore:
         cache, reused = (None, 0)
         if self.prefix_cache is not None:
             cache, reused = self.prefix_cache.lookup(seq.softprompt_key, seq.n_soft, seq.prompt_ids)
+        if cache is not None and cache.layers[0].keys.dtype != self.embed.weight.dtype:
+            cache, reused = None, 0  # computed in another precision: never mixed in
         if reused >= total:  # the whole prompt is cached: run its last position again for the logits
             reused = total - 1
             cache = kv.prefix(cache, reused) if reused else None

@@ -60,6 +60,16 @@ def softprompts(arch_engine, tmp_path):
     return found
 
 
+def reference(engine, prompt, max_new_tokens):
+    """transformers' own greedy generate, cut at EOS the way we report tokens."""
+    ids = torch.tensor([engine.encode(prompt) if isinstance(prompt, str) else list(prompt)])
+    with torch.inference_mode():
+        out = engine.loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                           max_new_tokens=max_new_tokens, pad_token_id=0)
+    tokens = out[0, ids.shape[1]:].tolist()
+    return tuple(tokens[: tokens.index(0)] if 0 in tokens else tokens)
+
+
 def alone(engine, prompt, settings, softprompt):
     engine.prefix_cache.clear()
     result = engine.generate(prompt, settings, softprompt=softprompt)
@@ -126,6 +136,9 @@ def test_requests_that_join_a_running_batch_at_different_steps(arch_engine, soft
     seqs = [make_sequence(engine, p, s, sp, events[i]) for i, (p, s, sp) in enumerate(zip(PROMPTS, settings, softprompts))]
     run_core(engine, list(zip((0, 3, 4, 9), seqs)))
     check_equal(arch, expected, events)
+    for i in (0, 1):  # and directly against transformers, for rows with no soft prompt / greedy
+        if softprompts[i] is None:
+            assert events[i][-1].token_ids == reference(engine, PROMPTS[i], settings[i].max_new_tokens)
 
 
 def test_a_finished_row_leaves_at_once(engine):
@@ -160,6 +173,8 @@ def test_reuse_equals_recompute_and_runs_only_the_new_tokens(arch_engine, softpr
         finally:
             counter.close()
         assert reused.token_ids == expected.token_ids and reused.text == expected.text, arch
+        if softprompt is None:
+            assert reused.token_ids == reference(engine, story, GREEDY.max_new_tokens)
         n_soft = softprompt.n_tokens if softprompt else 0
         # Cached: the soft prompt, the first prompt and the generated tokens that were run
         # (all but the last one, unless the turn ended on EOS: then the last one was run
