@@ -32,6 +32,7 @@ from kobold_desktop.softprompt import (
     DEFAULT_LIMITS,
     Limits,
     SoftPrompt,
+    describe_softprompt,
     load_softprompt,
     require_compatible,
 )
@@ -127,6 +128,9 @@ class Engine:
         described, tensors, warnings = [], [], []
         for source in sources:
             path = source.path if isinstance(source, SoftPrompt) else Path(source)
+            # The header first: a soft prompt for another width is refused before its
+            # data is read (mkultra files have no header; describing them reads them).
+            require_compatible(describe_softprompt(path, self.limits), self.hidden_size)
             softprompt, tensor = load_softprompt(path, self.limits)
             warnings += require_compatible(softprompt, self.hidden_size, loaded.info.name)
             described.append(softprompt)

@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 
 from kobold_desktop.softprompt.errors import BadShapeError, NonFiniteError, TooManyTokensError
-from kobold_desktop.softprompt.types import Limits
+from kobold_desktop.softprompt.types import DEFAULT_LIMITS, Limits
 
 
-def check_shape(shape: tuple[int, ...], path: Path | None) -> None:
-    """A soft prompt is `[n_tokens, hidden_size]` with both above zero."""
+def check_shape(shape: tuple[int, ...], path: Path | None, limits: Limits = DEFAULT_LIMITS) -> None:
+    """A soft prompt is `[n_tokens, hidden_size]` with both above zero and the hidden size
+    within `limits.max_hidden_size`. Checked on declared shapes, before reading data."""
     if len(shape) != 2:
         raise BadShapeError(
             f"the tensor has {len(shape)} dimension(s) {tuple(shape)}; a soft prompt must be "
@@ -22,6 +23,12 @@ def check_shape(shape: tuple[int, ...], path: Path | None) -> None:
         raise BadShapeError("the tensor has zero tokens.", path)
     if shape[1] == 0:
         raise BadShapeError("the tensor has a hidden size of zero.", path)
+    if shape[1] > limits.max_hidden_size:
+        raise BadShapeError(
+            f"it declares a hidden size of {shape[1]:,}; no model is that wide (the limit is "
+            f"{limits.max_hidden_size:,}), so the file is damaged or made to exhaust memory.",
+            path,
+        )
 
 
 def check_token_limit(n_tokens: int, path: Path | None, limits: Limits) -> None:

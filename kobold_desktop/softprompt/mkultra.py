@@ -37,10 +37,49 @@ from kobold_desktop.softprompt.types import (
 MAX_FILE_BYTES = 256 << 20
 
 
+_ITEM_BYTES = {"FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "DoubleStorage": 8}
+
+
+class _DeclaredTooLarge(ValueError):
+    pass
+
+
+class _StorageSizes(pickle.Unpickler):
+    """Reads a legacy storage save's pickles without building anything, summing the bytes
+    its storages declare (torch allocates them before it reads a byte of data)."""
+
+    def __init__(self, handle: io.BytesIO):
+        super().__init__(handle)
+        self.declared = 0
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _ITEM_BYTES:
+            return name
+        raise pickle.UnpicklingError(f"unexpected {module}.{name} in a tensor's storage")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int)):
+            raise pickle.UnpicklingError("unexpected persistent id in a tensor's storage")
+        self.declared += pid[4] * _ITEM_BYTES.get(pid[1], 8)
+        return None
+
+
+def _check_declared_sizes(data: bytes) -> None:
+    handle = io.BytesIO(data)
+    for _ in range(3):  # magic number, protocol version, system info: plain values only
+        _StorageSizes(handle).load()
+    sizes = _StorageSizes(handle)
+    sizes.load()
+    if sizes.declared > len(data):
+        raise _DeclaredTooLarge(f"declares {sizes.declared:,} bytes of tensor data but holds {len(data):,}")
+
+
 def _load_storage_bytes(data: bytes) -> Any:
     # torch pickles a storage as the bytes of a (legacy) torch.save; weights_only
-    # restricts that inner load to tensors and plain containers.
-    return torch.load(io.BytesIO(data), weights_only=True)
+    # restricts that inner load to tensors and plain containers. Most mkultra files were
+    # made on Colab GPUs, so the storage names "cuda:0": map it to the CPU, always.
+    _check_declared_sizes(data)
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
 _ALLOWED = {
@@ -96,20 +135,27 @@ def load(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[SoftPrompt, torch
         tensor = _TensorOnlyUnpickler(raw, path).load()
     except UnsafeFileError:
         raise
+    except _DeclaredTooLarge as exc:
+        raise CorruptFileError(f"its pickled tensor {exc}; refused before allocating it.", path) from exc
     except pickle.UnpicklingError as exc:
+        if "truncated" in str(exc):
+            raise CorruptFileError("its pickled tensor is truncated (was the download cut short?).", path) from exc
         raise UnsafeFileError(
             f"its pickled tensor holds something other than plain tensors ({exc}); refused.",
             path,
         ) from exc
-    except (EOFError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
-        raise CorruptFileError(f"its pickled tensor is damaged ({exc}).", path) from exc
+    except (EOFError, ValueError, TypeError, RuntimeError, AttributeError, MemoryError) as exc:
+        # torch's own message gives advice for its API (map_location...), not for a user.
+        raise CorruptFileError(
+            "its pickled tensor is damaged or truncated (was the download cut short?).", path
+        ) from exc
     if not isinstance(tensor, torch.Tensor):
         raise UnsupportedFormatError("its 'tensor' field does not hold a tensor.", path)
     tensor = tensor.detach()
     # mkultra keeps the batch dimension of `inputs_embeds`: [1, n_tokens, hidden].
     while tensor.dim() > 2 and tensor.shape[0] == 1:
         tensor = tensor[0]
-    check_shape(tuple(tensor.shape), path)
+    check_shape(tuple(tensor.shape), path, limits)
     if not tensor.is_floating_point():
         raise BadDtypeError(f"its tensor holds {tensor.dtype} values, not floats.", path)
     if tensor.dtype == torch.float64:

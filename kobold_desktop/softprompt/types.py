@@ -22,6 +22,9 @@ class Limits:
     """What a soft prompt may be before it is refused."""
 
     max_tokens: int = 2048
+    # Far beyond any model (the largest have 16-25k); a header declaring more is refused
+    # before any tensor memory is allocated, so a tiny file cannot ask for gigabytes.
+    max_hidden_size: int = 65536
     max_meta_bytes: int = 1 << 20
     # Uncompressed bytes allowed beyond what the header and shape need (npy padding).
     size_slack_bytes: int = 64 * 1024
