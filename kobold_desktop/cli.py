@@ -268,7 +268,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     checkpoint = paths.user_cache_dir() / "tuning" / (out.stem + ".ckpt")
     with engine.lock:
         result = train_softprompt(loaded.model, loaded.tokenizer, blocks, config,
-                                  progress=lambda p: sys.stderr.write(_progress_line(p)), checkpoint=checkpoint)
+                                  progress=lambda p: sys.stderr.write(_progress_line(p)), checkpoint=checkpoint,
+                                  notice=lambda message: print(message, file=sys.stderr))
     sys.stderr.write("\n")
     meta = Metadata(name=args.name or out.stem, authors=tuple(args.author or ()), description=args.description or "")
     path = export_softprompt(result.tensor, out, meta, loaded.info.name, args.peft_out)

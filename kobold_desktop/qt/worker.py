@@ -134,7 +134,8 @@ class ModelWorker(QObject):
             with self.engine.lock:
                 result = train_softprompt(loaded.model, loaded.tokenizer, blocks, config,
                                           progress=self.tune_progress.emit, cancel=self.cancel_event,
-                                          checkpoint=checkpoint)
+                                          checkpoint=checkpoint,
+                                          notice=lambda message: self.progress.emit(message, 0.0))
             if result.cancelled:
                 self.tuned.emit(None, result)
                 return

@@ -8,7 +8,9 @@ seed, checkpointed, and resume exactly where a cancelled or crashed run stopped.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import threading
 import time
@@ -197,15 +199,43 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _load_checkpoint(path: Path, config: TuningConfig) -> dict[str, Any] | None:
+def run_key(model: Any, blocks: Blocks) -> dict[str, str]:
+    """What a checkpoint must match to be resumed: the training text (as token blocks)
+    and the model (its config and a strided sample of its embedding weights, so another
+    fine-tune of the same shape differs too)."""
+    data = hashlib.blake2b(digest_size=16)
+    for part in (blocks.train, blocks.held_out):
+        data.update(str(tuple(part.shape)).encode())
+        data.update(part.to(torch.int64).contiguous().numpy().tobytes())
+    weights = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)
+    weights.update(json.dumps(config.to_dict() if config is not None else {}, sort_keys=True, default=str).encode())
+    matrix = _embed_matrix(model).detach()
+    weights.update(str(tuple(matrix.shape)).encode())
+    sample = matrix.reshape(-1)[:: max(1, matrix.numel() // 65536)]
+    weights.update(sample.to("cpu", torch.float32).numpy().tobytes())
+    return {"data": data.hexdigest(), "model": weights.hexdigest()}
+
+
+def _load_checkpoint(path: Path, config: TuningConfig, key: dict[str, str],
+                     notice: Callable[[str], None]) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - a damaged checkpoint only costs the progress in it
+        notice("The saved tuning progress could not be read; starting fresh.")
         return None
     if state.get("config") != asdict(config):
-        return None  # made with other settings: start over rather than mix them
+        notice("The saved tuning progress used other settings; starting fresh.")
+        return None
+    saved = state.get("key") or {}
+    if saved.get("model") != key["model"]:
+        notice("The saved tuning progress was made with another model; starting fresh.")
+        return None
+    if saved.get("data") != key["data"]:
+        notice("The saved tuning progress was made on other text; starting fresh.")
+        return None
     return state
 
 
@@ -217,8 +247,11 @@ def train_softprompt(
     progress: Callable[[TuningProgress], None] | None = None,
     cancel: threading.Event | None = None,
     checkpoint: Path | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> TuningResult:
-    """Train soft prompt rows on `blocks.train`; the model's weights never change."""
+    """Train soft prompt rows on `blocks.train`; the model's weights never change.
+    A `checkpoint` made with the same settings, text and model is resumed; another one
+    is ignored, and `notice` says why."""
     device = _embed_matrix(model).device
     was_training = model.training
     requires_grad = [p.requires_grad for p in model.parameters()]
@@ -238,7 +271,8 @@ def train_softprompt(
         generator = torch.Generator().manual_seed(config.seed)
         step, history = 0, []
         baseline = held_out_loss(model, None, blocks.held_out, config.batch_size, autocast) if blocks.held_out.numel() else None
-        state = _load_checkpoint(checkpoint, config) if checkpoint else None
+        key = run_key(model, blocks)
+        state = _load_checkpoint(checkpoint, config, key, notice or (lambda message: None)) if checkpoint else None
         if state is not None:
             with torch.no_grad():
                 rows.copy_(state["rows"].to(device))
@@ -253,7 +287,7 @@ def train_softprompt(
                 _save_checkpoint(checkpoint, {
                     "config": asdict(config), "rows": rows.detach().cpu(), "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(), "step": step, "history": history,
-                    "scaler": scaler.state_dict(),
+                    "scaler": scaler.state_dict(), "key": key,
                 })
 
         last_held = history[-1].get("held_out_loss") if history else None

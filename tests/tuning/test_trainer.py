@@ -226,3 +226,48 @@ def test_float32_and_bfloat16_tuning_need_no_scaler(tune_engine):
     from kobold_desktop.tuning.trainer import grad_scaler_for
 
     assert not grad_scaler_for(tune_engine.loaded.model, FAST).is_enabled()
+
+
+def test_a_checkpoint_resumes_only_for_the_same_text_and_model(tune_engine, model_dirs, tmp_path):
+    """Keyed by settings, text and model: other text, another model of the same width, or
+    another width each start fresh and say so (another width used to crash on resume)."""
+    from kobold_desktop.engine import Engine
+
+    from ..helpers import FLOAT32, build_tiny_model
+
+    config = TuningConfig(n_tokens=4, steps=8, batch_size=2, block_len=16, eval_every=4, checkpoint_every=2)
+    model, tokenizer = tune_engine.loaded.model, tune_engine.loaded.tokenizer
+    blocks = blocks_for(tune_engine, config)
+    checkpoint = tmp_path / "run.ckpt"
+
+    def cut_at_5(p):
+        if p.step == 5:
+            cancel.set()
+
+    def start(model, tokenizer, blocks):
+        notices = []
+        cancel.clear()
+        result = train_softprompt(model, tokenizer, blocks, config, cut_at_5, cancel, checkpoint,
+                                  notice=notices.append)
+        return result, notices
+
+    cancel = threading.Event()
+    assert start(model, tokenizer, blocks)[0].steps_done == 5
+    other_text = blocks_for(tune_engine, config, text=" the sea and the ship" * 600)
+    result, notices = start(model, tokenizer, other_text)
+    assert result.steps_done == 5 and notices == ["The saved tuning progress was made on other text; starting fresh."]
+
+    same_width = Engine()
+    same_width.load(build_tiny_model(tmp_path / "other", "gpt2", hidden=64, seed=7), FLOAT32)
+    result, notices = start(same_width.loaded.model, same_width.loaded.tokenizer, other_text)
+    assert result.steps_done == 5 and notices == ["The saved tuning progress was made with another model; starting fresh."]
+
+    narrow = Engine()
+    narrow.load(model_dirs["gpt2"], FLOAT32)  # hidden 32
+    result, notices = start(narrow.loaded.model, narrow.loaded.tokenizer, other_text)
+    assert result.steps_done == 5 and "another model" in notices[0]
+
+    resumed_notices = []
+    resumed = train_softprompt(narrow.loaded.model, narrow.loaded.tokenizer, other_text, config,
+                               checkpoint=checkpoint, notice=resumed_notices.append)
+    assert resumed.steps_done == 8 and resumed_notices == []  # the same text and model resume
