@@ -79,30 +79,57 @@ def _member(zf: zipfile.ZipFile, name: str, path: Path) -> zipfile.ZipInfo | Non
     return info
 
 
-def _tensor_member(zf: zipfile.ZipFile, path: Path) -> zipfile.ZipInfo:
-    info = _member(zf, TENSOR_NAME, path)
-    if info is not None:
-        return info
-    nested = [n for n in zf.namelist() if n.endswith("/" + TENSOR_NAME)]
+PEFT_CONFIG_NAME = "adapter_config.json"
+
+
+def layout(zf: zipfile.ZipFile, path: Path) -> tuple[str, str]:
+    """What the zip holds and where: ("kobold", prefix) for tensor.npy, ("peft", prefix)
+    for a PEFT adapter, the prefix being "" (the root) or "folder/" (the zip's one
+    folder, as a file manager zips a folder, tokenizer files and all). macOS's
+    `__MACOSX/` entries are ignored. Several soft prompts in one zip are refused."""
+    found: dict[str, str] = {}
+    for name in zf.namelist():
+        if name.startswith("__MACOSX/") or name.endswith("/"):
+            continue
+        folder, _, base = name.rpartition("/")
+        if base not in (TENSOR_NAME, PEFT_CONFIG_NAME) or folder.count("/") > 0:
+            continue
+        prefix = folder + "/" if folder else ""
+        if base == TENSOR_NAME or prefix not in found:
+            found[prefix] = "kobold" if base == TENSOR_NAME else "peft"
+    if "" in found and found[""] == "kobold":
+        return "kobold", ""  # KoboldAI's own layout wins, whatever else is beside it
+    if len(found) == 1:
+        prefix, kind = next(iter(found.items()))
+        return kind, prefix
+    if len(found) > 1:
+        names = ", ".join(sorted((p.rstrip("/") or "(the root)") for p in found))
+        raise UnsupportedFormatError(
+            f"holds {len(found)} soft prompts ({names}); put each in a zip of its own.", path
+        )
+    nested = [n for n in zf.namelist() if n.endswith("/" + TENSOR_NAME) or n.endswith("/" + PEFT_CONFIG_NAME)]
     if nested:
         raise MissingTensorError(
-            f"tensor.npy is inside the folder '{nested[0].rsplit('/', 1)[0]}/', but KoboldAI "
-            "soft prompts keep it at the root of the zip: zip the files, not their folder.",
-            path,
-        )
-    if "adapter_config.json" in zf.namelist():
-        raise MissingTensorError(
-            "this zip holds a PEFT adapter, not a KoboldAI soft prompt: extract it into a "
-            "folder and use the folder.",
+            f"its soft prompt is in '{nested[0].rsplit('/', 1)[0]}/', more than one folder deep; "
+            "zip the soft prompt's folder itself.",
             path,
         )
     raise MissingTensorError(
-        "has no tensor.npy at its root, so it is not a KoboldAI soft prompt.", path
+        "has no tensor.npy (KoboldAI) or adapter_config.json (PEFT), at its root or in its "
+        "folder, so it holds no soft prompt.",
+        path,
     )
 
 
-def _read_meta(zf: zipfile.ZipFile, path: Path, limits: Limits) -> Metadata:
-    info = _member(zf, META_NAME, path)
+def _tensor_member(zf: zipfile.ZipFile, path: Path, prefix: str = "") -> zipfile.ZipInfo:
+    info = _member(zf, prefix + TENSOR_NAME, path)
+    if info is None:
+        raise MissingTensorError("has no tensor.npy, so it is not a KoboldAI soft prompt.", path)
+    return info
+
+
+def _read_meta(zf: zipfile.ZipFile, path: Path, limits: Limits, prefix: str = "") -> Metadata:
+    info = _member(zf, prefix + META_NAME, path)
     if info is None:
         return Metadata()
     if info.file_size > limits.max_meta_bytes:
@@ -189,13 +216,26 @@ def _read_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> npy.
         raise CorruptFileError(f"tensor.npy is damaged ({exc}).", path) from exc
 
 
+def _peft_files(zf: zipfile.ZipFile, prefix: str):
+    from kobold_desktop.softprompt.peft_dir import _ZippedFolder
+
+    return _ZippedFolder(zf, prefix)
+
+
 def describe(path: Path, limits: Limits = DEFAULT_LIMITS) -> SoftPrompt:
-    """Read a zip's directory, meta.json and npy header; the tensor stays compressed."""
+    """Read a zip's directory, meta.json and npy header; the tensor stays compressed.
+    A PEFT adapter zipped with (or without) its folder is described from its config
+    and safetensors header, read from the zip."""
     with _open(path) as zf:
-        info = _tensor_member(zf, path)
+        kind, prefix = layout(zf, path)
+        if kind == "peft":
+            from kobold_desktop.softprompt import peft_dir
+
+            return peft_dir.describe(path, limits, _peft_files(zf, prefix), prefix.rstrip("/") or path.stem)
+        info = _tensor_member(zf, path, prefix)
         header = _read_header(zf, info, path)
         _check_sizes(info, header, path, limits)
-        meta = _read_meta(zf, path, limits)
+        meta = _read_meta(zf, path, limits, prefix)
     return SoftPrompt(
         path=path,
         format=SoftPromptFormat.KOBOLDAI_ZIP,
@@ -227,9 +267,15 @@ def _read_exactly(handle: BinaryIO, count: int) -> bytes:
 
 def load(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[SoftPrompt, torch.Tensor]:
     """Describe and fully read a zip: CRC, sizes, and every value finite."""
+    with _open(path) as zf:
+        kind, prefix = layout(zf, path)
+        if kind == "peft":
+            from kobold_desktop.softprompt import peft_dir
+
+            return peft_dir.load(path, limits, _peft_files(zf, prefix), prefix.rstrip("/") or path.stem)
     softprompt = describe(path, limits)
     with _open(path) as zf:
-        info = _tensor_member(zf, path)
+        info = _tensor_member(zf, path, prefix)
         try:
             with zf.open(info) as handle:
                 header = npy.read_header(handle, path)

@@ -215,15 +215,17 @@ class SoftPromptLibrary:
     def import_path(self, source: Path | str) -> LibraryEntry:
         """Validate `source` fully, then copy it into the user's folder.
 
-        KoboldAI zips are copied byte for byte (never extracted), PEFT folders keep only
-        their config and weights, mkultra JSON becomes a KoboldAI zip (no pickles kept).
+        Zips (KoboldAI's, or a zipped PEFT adapter) are copied byte for byte (never
+        extracted), PEFT folders keep only their config and weights, mkultra JSON becomes a
+        KoboldAI zip (no pickles kept).
         """
         source = Path(source)
         softprompt, tensor = load_softprompt(source, self.limits)
         stem = source.stem if source.is_file() else source.name
         for _attempt in range(100):
             try:
-                if softprompt.format is SoftPromptFormat.KOBOLDAI_ZIP:
+                if softprompt.format is SoftPromptFormat.KOBOLDAI_ZIP or (
+                        source.is_file() and source.suffix.lower() == ".zip"):  # a zipped PEFT adapter too
                     dest = self._unique_path(stem, ".zip")
                     with staged_file(dest) as tmp:
                         shutil.copyfile(source, tmp)

@@ -8,6 +8,7 @@ description, so we keep KoboldAI's `meta.json` content in the safetensors metada
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from pathlib import Path
@@ -51,13 +52,119 @@ _DTYPE_NAMES = {
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def is_peft_dir(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).is_file()
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+class _Folder:
+    """The adapter's files in a folder."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def exists(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def read(self, name: str, limit: int) -> bytes:
+        with open(self.path / name, "rb") as handle:
+            return handle.read(limit + 1)
+
+    def safetensors(self, name: str):
+        return safe_open(str(self.path / name), framework="pt")
+
+
+class _ZippedFolder:
+    """The adapter's files inside a zip (at its root or in its one folder), read from the
+    zip in memory; nothing is extracted."""
+
+    def __init__(self, zf: Any, prefix: str):
+        self.zf, self.prefix = zf, prefix
+
+    def exists(self, name: str) -> bool:
+        return (self.prefix + name) in self.zf.namelist()
+
+    def read(self, name: str, limit: int) -> bytes:
+        with self.zf.open(self.prefix + name) as handle:
+            return handle.read(limit + 1)
+
+    def safetensors(self, name: str):
+        return _ZippedSafetensors(self.zf, self.prefix + name)
+
+
+class _ZippedSafetensors:
+    """`safe_open`'s few calls we use, over a zip member: describing reads only the
+    header; the tensor is read whole only when asked for, and only if the member is no
+    bigger than its header says (safetensors' own loader then parses it)."""
+
+    MAX_HEADER_BYTES = 1 << 20
+
+    def __init__(self, zf: Any, member: str):
+        self.zf, self.member = zf, member
+        with zf.open(member) as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise SafetensorError("the file is too short to be safetensors")
+            self._header_size = int.from_bytes(prefix, "little")
+            if self._header_size > self.MAX_HEADER_BYTES:
+                raise SafetensorError("its header is implausibly large")
+            raw = handle.read(self._header_size)
+        try:
+            self._header = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SafetensorError(f"its header is not JSON ({exc})") from exc
+        if not isinstance(self._header, dict):
+            raise SafetensorError("its header is not a JSON object")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def keys(self) -> list[str]:
+        return [k for k in self._header if k != "__metadata__"]
+
+    def metadata(self) -> dict[str, str]:
+        return self._header.get("__metadata__") or {}
+
+    def get_slice(self, key: str):
+        entry = self._header[key]
+        return _Slice(tuple(entry.get("shape", ())), entry.get("dtype", ""))
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        from safetensors.torch import load as load_bytes
+
+        ends = [e.get("data_offsets", [0, 0])[1] for k, e in self._header.items()
+                if k != "__metadata__" and isinstance(e, dict)]
+        size = 8 + self._header_size + max(ends, default=0)
+        if self.zf.getinfo(self.member).file_size > size:
+            raise SafetensorError("the file holds more data than its header declares")
+        with self.zf.open(self.member) as handle:
+            return load_bytes(handle.read(size + 1))[key]
+
+
+class _Slice:
+    def __init__(self, shape: tuple[int, ...], dtype: str):
+        self._shape, self._dtype = shape, dtype
+
+    def get_shape(self) -> list[int]:
+        return list(self._shape)
+
+    def get_dtype(self) -> str:
+        return self._dtype
+
+
+def _read_config(files: Any, path: Path) -> dict[str, Any]:
     try:
-        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        if not files.exists(CONFIG_NAME):
+            raise FileNotFoundError(CONFIG_NAME)
+        data = files.read(CONFIG_NAME, MAX_CONFIG_BYTES)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise CorruptFileError(f"{CONFIG_NAME} is far too large for an adapter config.", path)
+        config = json.loads(data.decode("utf-8"))
     except FileNotFoundError as exc:
         raise UnsupportedFormatError(
             f"is a folder without {CONFIG_NAME}, so it is not a PEFT adapter.", path
@@ -82,18 +189,23 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _weights_file(path: Path) -> Path:
+def _weights_file(files: Any, path: Path) -> str:
     for name in (SAFETENSORS_NAME, BIN_NAME):
-        if (path / name).is_file():
-            return path / name
+        if files.exists(name):
+            return name
     raise MissingTensorError(
         f"has {CONFIG_NAME} but neither {SAFETENSORS_NAME} nor {BIN_NAME}.", path
     )
 
 
-def _load_bin(weights: Path, path: Path) -> dict[str, torch.Tensor]:
+def _load_bin(files: Any, path: Path, limits: Limits = DEFAULT_LIMITS) -> dict[str, torch.Tensor]:
+    # The largest tensor the limits allow, plus room for the pickle around it.
+    most = limits.max_tokens * limits.max_hidden_size * 8 + (1 << 20)
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        data = files.read(BIN_NAME, most)
+        if len(data) > most:
+            raise CorruptFileError(f"{BIN_NAME} is larger than any soft prompt can be.", path)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeFileError(
             f"{BIN_NAME} contains Python objects that are not plain tensors; loading it could "
@@ -107,12 +219,12 @@ def _load_bin(weights: Path, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _header(path: Path) -> tuple[tuple[int, ...], str, Metadata, str]:
+def _header(files: Any, path: Path) -> tuple[tuple[int, ...], str, Metadata, str]:
     """(shape, dtype name, metadata, compression) without reading the tensor data."""
-    weights = _weights_file(path)
-    if weights.name == SAFETENSORS_NAME:
+    weights = _weights_file(files, path)
+    if weights == SAFETENSORS_NAME:
         try:
-            with safe_open(str(weights), framework="pt") as handle:
+            with files.safetensors(weights) as handle:
                 if TENSOR_KEY not in handle.keys():
                     raise MissingTensorError(
                         f"{SAFETENSORS_NAME} has no '{TENSOR_KEY}' tensor.", path
@@ -130,7 +242,7 @@ def _header(path: Path) -> tuple[tuple[int, ...], str, Metadata, str]:
         raw_meta = file_meta.get(META_KEY)
         meta = Metadata.from_json_bytes(raw_meta.encode("utf-8")) if raw_meta else Metadata()
         return shape, _SAFETENSORS_DTYPES[st_dtype], meta, "safetensors"
-    tensor = _load_bin(weights, path).get(TENSOR_KEY)
+    tensor = _load_bin(files, path).get(TENSOR_KEY)
     if not isinstance(tensor, torch.Tensor):
         raise MissingTensorError(f"{BIN_NAME} has no '{TENSOR_KEY}' tensor.", path)
     if tensor.dtype not in _DTYPE_NAMES:
@@ -140,11 +252,13 @@ def _header(path: Path) -> tuple[tuple[int, ...], str, Metadata, str]:
     return tuple(tensor.shape), _DTYPE_NAMES[tensor.dtype], Metadata(), "bin"
 
 
-def describe(path: Path, limits: Limits = DEFAULT_LIMITS) -> SoftPrompt:
-    """Read the adapter's config and tensor header."""
-    config = _read_config(path)
-    shape, dtype_name, meta, compression = _header(path)
-    check_shape(shape, path)
+def describe(path: Path, limits: Limits = DEFAULT_LIMITS, files: Any = None, name: str | None = None) -> SoftPrompt:
+    """Read the adapter's config and tensor header (from `files`: the folder at `path`
+    by default, or a folder inside the zip at `path`)."""
+    files = files or _Folder(path)
+    config = _read_config(files, path)
+    shape, dtype_name, meta, compression = _header(files, path)
+    check_shape(shape, path, limits)
     n_tokens, hidden = shape
     declared = (config.get("num_virtual_tokens"), config.get("token_dim"))
     if declared[0] not in (None, n_tokens) or declared[1] not in (None, hidden):
@@ -159,7 +273,7 @@ def describe(path: Path, limits: Limits = DEFAULT_LIMITS) -> SoftPrompt:
     return SoftPrompt(
         path=path,
         format=SoftPromptFormat.PEFT,
-        name=meta.name or path.name,
+        name=meta.name or name or path.name,
         n_tokens=n_tokens,
         hidden_size=hidden,
         dtype=dtype_name,
@@ -172,17 +286,19 @@ def describe(path: Path, limits: Limits = DEFAULT_LIMITS) -> SoftPrompt:
     )
 
 
-def load(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[SoftPrompt, torch.Tensor]:
-    softprompt = describe(path, limits)
-    weights = _weights_file(path)
-    if weights.name == SAFETENSORS_NAME:
+def load(path: Path, limits: Limits = DEFAULT_LIMITS, files: Any = None,
+         name: str | None = None) -> tuple[SoftPrompt, torch.Tensor]:
+    files = files or _Folder(path)
+    softprompt = describe(path, limits, files, name)
+    weights = _weights_file(files, path)
+    if weights == SAFETENSORS_NAME:
         try:
-            with safe_open(str(weights), framework="pt") as handle:
+            with files.safetensors(weights) as handle:
                 tensor = handle.get_tensor(TENSOR_KEY)
         except SafetensorError as exc:
             raise CorruptFileError(f"{SAFETENSORS_NAME} is damaged ({exc}).", path) from exc
     else:
-        tensor = _load_bin(weights, path)[TENSOR_KEY]
+        tensor = _load_bin(files, path, limits)[TENSOR_KEY]
     if tensor.dtype == torch.float64:
         tensor = tensor.to(torch.float32)
     tensor = tensor.contiguous()

@@ -142,3 +142,84 @@ def test_a_softprompt_of_another_width_is_refused_before_its_data_is_read(model_
     with pytest.raises(HiddenSizeMismatchError, match="hidden size 48; this model has 32"):
         engine.set_softprompt(tmp_path / "w.zip")
     assert describe_softprompt(tmp_path / "w.zip").hidden_size == 48
+
+
+def zip_folder(folder, dest, macos=False):
+    """Zip a folder the way a file manager does: the folder itself at the root."""
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(folder, folder.name + "/")
+        for file in sorted(folder.rglob("*")):
+            zf.write(file, f"{folder.name}/{file.relative_to(folder)}")
+            if macos:
+                zf.writestr(f"__MACOSX/{folder.name}/._{file.name}", b"\x00\x05\x16\x07 resource fork")
+    return dest
+
+
+@pytest.fixture
+def peft_adapter(model_dirs, tmp_path):
+    """A PEFT prompt-tuning adapter saved by PEFT, with the tokenizer files beside it."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"])
+    torch.manual_seed(5)
+    model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    folder = tmp_path / "my-adapter"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_dirs["gpt2"]).save_pretrained(folder)
+    return folder
+
+
+def test_a_zipped_peft_adapter_lists_inspects_loads_imports_and_converts(peft_adapter, model_dirs, tmp_path):
+    from kobold_desktop.cli import main
+    from kobold_desktop.engine import Engine, SamplingSettings
+    from kobold_desktop.softprompt.library import SoftPromptLibrary
+
+    zipped = zip_folder(peft_adapter, tmp_path / "my-adapter.zip", macos=True)
+    described = describe_softprompt(zipped)
+    assert described.format == SoftPromptFormat.PEFT and (described.n_tokens, described.hidden_size) == (6, 32)
+    assert described.name == "my-adapter"
+    _, from_zip = load_softprompt(zipped)
+    _, from_folder = load_softprompt(peft_adapter)
+    assert torch.equal(from_zip, from_folder)
+
+    engine = Engine()
+    engine.load(model_dirs["gpt2"])
+    greedy = SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=12)
+    engine.set_softprompt(zipped)
+    with_zip = engine.generate("The knight", greedy)
+    engine.set_softprompt(peft_adapter)
+    assert engine.generate("The knight", greedy).token_ids == with_zip.token_ids
+
+    assert main(["softprompt", "inspect", str(zipped), "--json"]) == 0
+    library = SoftPromptLibrary(tmp_path / "library", [])
+    entry = library.import_path(zipped)
+    assert entry.path.suffix == ".zip" and entry.path.read_bytes() == zipped.read_bytes()
+    assert [e.softprompt.name for e in library.scan()] == ["my-adapter"]
+    convert(zipped, tmp_path / "as-kobold.zip")
+    assert torch.equal(load_softprompt(tmp_path / "as-kobold.zip")[1], from_folder)
+
+
+def test_a_koboldai_softprompt_zipped_with_its_folder_reads(tmp_path):
+    folder = tmp_path / "Sea"
+    folder.mkdir()
+    kobold_zip.write(tmp_path / "sea.zip", torch.randn(3, 32), Metadata(name="Sea"))
+    with zipfile.ZipFile(tmp_path / "sea.zip") as zf:
+        zf.extractall(folder)
+    zipped = zip_folder(folder, tmp_path / "Sea-folder.zip")
+    assert describe_softprompt(zipped).name == "Sea"
+    assert torch.equal(load_softprompt(zipped)[1], load_softprompt(tmp_path / "sea.zip")[1])
+
+
+def test_a_zip_with_several_softprompts_is_refused_naming_them(peft_adapter, tmp_path):
+    from kobold_desktop.softprompt.errors import UnsupportedFormatError
+
+    path = tmp_path / "two.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in ("first", "second"):
+            for file in peft_adapter.iterdir():
+                zf.write(file, f"{name}/{file.name}")
+    with pytest.raises(UnsupportedFormatError, match=r"holds 2 soft prompts \(first, second\)"):
+        describe_softprompt(path)
