@@ -629,10 +629,12 @@ class MainWindow(QMainWindow):
                 return
             path = Path(chosen)
         try:
-            story, native = read_story(path)
+            story, native, notices = read_story(path)
         except StoryFileError as exc:
             self.notify("Cannot open the story", str(exc), error=True)
             return
+        if notices:
+            self.notify("Imported", "\n".join(notices))
         is_ours = native and not import_only
         self.story, self.redo_stack = story, []
         self.story_path = path if is_ours else None  # an imported story is saved in our format, elsewhere
