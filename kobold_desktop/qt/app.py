@@ -60,8 +60,8 @@ def run_window(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     window = MainWindow(ModelWorker(), library, settings)
-    window.restore_autosave()
     window.show()
+    window.start_session(ask=not getattr(args, "screenshot", None))
     model = startup_model(getattr(args, "model", None), settings)
     screenshot = getattr(args, "screenshot", None)
     outcome = {"code": 0}

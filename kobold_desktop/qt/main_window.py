@@ -7,12 +7,16 @@ buffered and drawn at most every 40 ms.
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from pathlib import Path
 
 from kobold_desktop import APP_NAME, paths
 from kobold_desktop.engine import LoadOptions, SamplingSettings
 from kobold_desktop.engine.generate import GenerationResult
 from kobold_desktop.errors import KoboldError
+from kobold_desktop.fileio import atomic_write_bytes
 from kobold_desktop.qt._qt import (
     QAction,
     QApplication,
@@ -48,11 +52,24 @@ from kobold_desktop.softprompt import peft_dir
 from kobold_desktop.softprompt.library import SoftPromptLibrary
 from kobold_desktop.story import Action, Story
 from kobold_desktop.story.document import MODEL, USER
-from kobold_desktop.story.files import StoryFileError, load_story, read_story, save_story
+from kobold_desktop.story.files import StoryFileError, load_story, read_story, read_world_info, save_story
 
 RECENT_LIMIT = 10
 FLUSH_MS = 40
 AUTOSAVE_MS = 1500
+
+
+def _running(pid) -> bool:
+    """Whether another process with this id is alive (ours does not count)."""
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def _copy(story: Story) -> Story:
@@ -104,6 +121,7 @@ class MainWindow(QMainWindow):
         self.tune_dialog: TuneDialog | None = None
         self.server = None  # a KoboldServer while the local API is running
         self._boxes: list[QMessageBox] = []
+        self._session_open = False  # start_session() sets it; then autosaves record what is open
         self._pending_text = ""
         self._rendering = False
 
@@ -211,6 +229,7 @@ class MainWindow(QMainWindow):
         self._add(menu, "&Save", self.save, QKeySequence.Save)
         self._add(menu, "Save &as…", lambda: self.save_as(), QKeySequence.SaveAs)
         self._add(menu, "&Import KoboldAI story…", lambda: self.open_story(import_only=True))
+        self._add(menu, "Import &World Info…", lambda: self.import_world_info())
         menu.addSeparator()
         self._add(menu, "&Quit", self.close, QKeySequence.Quit)
         menu = self.menuBar().addMenu("&Model")
@@ -369,6 +388,8 @@ class MainWindow(QMainWindow):
             self.redo_stack.clear()
             self.input.clear()
             self.show_story()
+            self._autosave_timer.stop()
+            self.autosave()  # what was just written is on disk before the model starts
         self.start_generation()
 
     def generate_more(self) -> None:
@@ -477,7 +498,8 @@ class MainWindow(QMainWindow):
                 if not self.story.actions[self.generating_index].text:
                     del self.story.actions[self.generating_index]
             self.generating_index = None
-            self._autosave_timer.start()
+            self._autosave_timer.stop()
+            self.autosave()
         if job == "load" and self.model_status is not None and self.pending_softprompt is not None:
             path, self.pending_softprompt = self.pending_softprompt, None
             self.request_softprompt.emit(path)
@@ -613,8 +635,36 @@ class MainWindow(QMainWindow):
 
     # -- story files -----------------------------------------------------------------------------
 
+    def _has_unsaved_work(self) -> bool:
+        """An untitled story with something in it. (A story with a file is autosaved into
+        that file; only its last moments can be pending, and those are flushed.)"""
+        self.sync_story()
+        story = self.story
+        return bool(story.text or story.memory or story.authors_note or story.world_info)
+
+    def _ask(self, box: QMessageBox) -> int:
+        """Show a question and return the button chosen (tests answer in its place)."""
+        return box.exec()
+
+    def confirm_replace(self) -> bool:
+        """Before New or Open replaces the story: keep the work, or ask. True to go on."""
+        if self.story_path is not None:
+            self._autosave_timer.stop()
+            self.autosave()
+            return True
+        if not self._has_unsaved_work():
+            return True
+        box = QMessageBox(QMessageBox.Warning, "Unsaved story",
+                          "This story has not been saved to a file. Save it before going on?",
+                          QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel, self)
+        box.setDefaultButton(QMessageBox.Save)
+        choice = self._ask(box)
+        if choice == QMessageBox.Save:
+            return self.save()
+        return choice == QMessageBox.Discard
+
     def new_story(self) -> None:
-        if self.generating:
+        if self.generating or not self.confirm_replace():
             return
         self.story, self.story_path, self.redo_stack = Story(), None, []
         self.show_story()
@@ -629,9 +679,11 @@ class MainWindow(QMainWindow):
                 return
             path = Path(chosen)
         try:
-            story, native, notices = read_story(path)
+            story, native, notices = read_story(path)  # read and checked whole, before anything is replaced
         except StoryFileError as exc:
             self.notify("Cannot open the story", str(exc), error=True)
+            return
+        if not self.confirm_replace():
             return
         if notices:
             self.notify("Imported", "\n".join(notices))
@@ -682,19 +734,98 @@ class MainWindow(QMainWindow):
         if self.generating:
             return
         self.sync_story()
+        self._save_to(self.story)
+
+    def _save_to(self, story: Story) -> None:
+        path = self.autosave_path()
         try:
-            save_story(self.story, self.autosave_path())
+            save_story(story, path)
         except StoryFileError as exc:
             self.statusBar().showMessage(f"Autosave failed: {exc}", 10000)
+            return
+        if self._session_open:
+            self._write_session_marker(path)
 
-    def restore_autosave(self) -> None:
-        path = paths.user_data_dir() / "autosave.json"
-        if path.is_file():
+    def save_streamed(self) -> None:
+        """Save the story with the text streamed so far (closing while the model writes)."""
+        self._flush_timer.stop()
+        self.flush_text()
+        story = _copy(self.story)
+        if story.actions and not story.actions[-1].text:
+            story.actions.pop()
+        self._save_to(story)
+
+    # A file that exists while the window is open: found at start, it means a crash.
+    def _session_marker(self) -> Path:
+        return paths.user_data_dir() / "session.json"
+
+    def _write_session_marker(self, story_file: Path) -> None:
+        try:
+            atomic_write_bytes(self._session_marker(),
+                               json.dumps({"story": str(story_file), "pid": os.getpid()}).encode("utf-8"))
+        except OSError:
+            pass  # recovery is a convenience; writing never fails for want of it
+
+    def start_session(self, ask: bool = True) -> None:
+        """Restore the last untitled story as the app left it; after a crash, offer the
+        story that was open then (`ask=False`: restore without asking)."""
+        marker = self._session_marker()
+        autosave = paths.user_data_dir() / "autosave.json"
+        previous = None
+        if marker.is_file():
             try:
-                self.story = load_story(path)
-            except StoryFileError:
+                recorded = json.loads(marker.read_text(encoding="utf-8"))
+                previous = Path(recorded["story"])
+                if _running(recorded.get("pid")):
+                    previous = None  # another Kobold Desktop is open, not crashed
+            except (OSError, ValueError, KeyError, TypeError):
+                previous = autosave
+        self._session_open = True
+        if previous is not None and previous.is_file():
+            restore = True
+            if ask:
+                box = QMessageBox(QMessageBox.Question, "Restore your story?",
+                                  f"Kobold Desktop did not close properly last time. Restore “{previous.stem}” "
+                                  "as it was last saved?", QMessageBox.Yes | QMessageBox.No, self)
+                box.setDefaultButton(QMessageBox.Yes)
+                restore = self._ask(box) == QMessageBox.Yes
+            if restore:
+                self._open_recovered(previous, autosave)
+            elif previous == autosave:  # keep it, out of the way: nothing is ever thrown away
+                autosave.replace(autosave.with_name(f"autosave-{time.strftime('%Y%m%d-%H%M%S')}.json"))
+        elif autosave.is_file():
+            self._open_recovered(autosave, autosave)
+        self._write_session_marker(self.autosave_path())
+
+    def _open_recovered(self, path: Path, autosave: Path) -> None:
+        try:
+            self.story = load_story(path)
+        except StoryFileError:
+            return
+        self.story_path = None if path == autosave else path
+        self.show_story()
+
+    def end_session(self) -> None:
+        self._session_open = False
+        self._session_marker().unlink(missing_ok=True)
+
+    def import_world_info(self, path: Path | None = None) -> None:
+        """Add World Info entries from a SillyTavern, KoboldAI Lite or KoboldAI file."""
+        if path is None:
+            chosen, _ = QFileDialog.getOpenFileName(self, "Import World Info", "", "World Info (*.json);;All files (*)")
+            if not chosen:
                 return
-            self.show_story()
+            path = Path(chosen)
+        try:
+            entries = read_world_info(path)
+        except StoryFileError as exc:
+            self.notify("Cannot import World Info", str(exc), error=True)
+            return
+        self.sync_story()
+        self.story.world_info.extend(entries)
+        self.show_story()
+        self.autosave()
+        self.statusBar().showMessage(f"Imported {len(entries)} World Info entries from {path.name}", 6000)
 
     # -- the local API server ------------------------------------------------------------------
 
@@ -745,8 +876,11 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event) -> None:
         self.stop_server()
         self.worker.cancel_event.set()
-        if not self.generating:
+        if self.generating:
+            self.save_streamed()
+        else:
             self.autosave()
+        self.end_session()
         QApplication.instance().removeEventFilter(self._drop_filter)
         self.thread.quit()
         self.thread.wait(30_000)
