@@ -346,3 +346,25 @@ def test_status_bar_light_and_selection_follow_the_engine(qtbot, window):
     panel.list.setCurrentRow(0)  # the user looks at [None] ...
     window.on_softprompt_changed(window.softprompt_status)  # ... the active one is shown again
     assert panel.selected_entry().file_name == "a.zip" and panel.list.currentItem().font().bold()
+
+
+def test_dropping_a_zipped_peft_adapter_imports_it(qtbot, window, tmp_path):
+    """A PEFT adapter folder zipped by a file manager, tokenizer files and all."""
+    import zipfile
+
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    source = window.worker.engine.loaded.source
+    folder = tmp_path / "tavern-adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(source),
+                   PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5)).save_pretrained(folder)
+    window.worker.engine.loaded.tokenizer.save_pretrained(folder)
+    zipped = tmp_path / "tavern-adapter.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for file in sorted(folder.iterdir()):
+            zf.write(file, f"{folder.name}/{file.name}")
+    drop(window, window.view.viewport(), [zipped])
+    assert (user_softprompt_dir() / "tavern-adapter.zip").read_bytes() == zipped.read_bytes()
+    names = [window.softprompt_panel.list.item(i).text() for i in range(window.softprompt_panel.list.count())]
+    assert any("tavern-adapter" in name for name in names), names
