@@ -27,6 +27,8 @@ from kobold_desktop.engine.generate import (
 from kobold_desktop.engine.loader import LoadedModel, LoadOptions, Progress, load_model
 from kobold_desktop.engine.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 from kobold_desktop.engine.sampling import SamplingSettings
+from kobold_desktop.engine.core import StepCore
+from kobold_desktop.engine.sequence import Sequence as Row
 from kobold_desktop.engine.sequence import softprompt_fingerprint
 from kobold_desktop.softprompt import (
     DEFAULT_LIMITS,
@@ -201,6 +203,30 @@ class Engine:
             check=lambda: self.require(loaded),
             softprompt_key=active.key if active else None,
         )
+
+    def run(self, sequences: Sequence["Row"], max_batch: int = 64) -> None:
+        """Run `sequences` together until every one has ended (rows join as others leave),
+        each reporting to its own sink. Holds the lock one step at a time."""
+        loaded = self.loaded
+        core = StepCore(loaded.model, self.prefix_cache)
+        waiting = list(sequences)
+        try:
+            while waiting or core.active:
+                with self.lock:
+                    self.require(loaded)
+                    while waiting and len(core.rows) < max_batch and core.can_join:
+                        row = waiting.pop(0)
+                        try:
+                            core.add(row)
+                        except Exception as exc:  # noqa: BLE001 - this row's failure is its own
+                            row.fail(exc)
+                    if core.active:
+                        core.step()
+        except BaseException as exc:
+            core.fail_all(exc if isinstance(exc, Exception) else ModelError("stopped"))
+            for row in waiting:
+                row.fail(exc)
+            raise
 
     def generate(
         self,
