@@ -121,7 +121,7 @@ def main() -> None:
             adapters[f"sp{i}"] = str(path)
         service = Service(engine, ServeConfig(prompt_adapters=adapters, max_prompt_adapters=CLIENTS))
         server = KoboldServer(service, "127.0.0.1", 0).start()
-        port = server.httpd.server_address[1]
+        port = server.port
         try:
             before = len(service.scheduler.batch_sizes)
             sequential, concurrent, counts = throughput(port)

@@ -285,7 +285,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from kobold_desktop.engine import Engine, LoadOptions
     from kobold_desktop.server.config import ServeConfig, parse_adapter_args
-    from kobold_desktop.server.http import KoboldServer
+    from kobold_desktop.server.http import KoboldServer, warn_if_exposed
     from kobold_desktop.server.service import Service
 
     config = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
@@ -293,6 +293,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model, prompt_adapters=parse_adapter_args(args.prompt_adapters),
         max_prompt_adapter_token=args.max_prompt_adapter_token, max_prompt_adapters=args.max_prompt_adapters,
         host=args.host, port=args.port, api_key=args.api_key, admin_key=args.admin_key,
+        allowed_origins=[o.rstrip("/") for o in args.allowed_origins] if args.allowed_origins else None,
     )
     _quiet_transformers()
     engine = Engine()
@@ -305,6 +306,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         service.close()
         raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from exc
+    warn_if_exposed(config.host, config.api_key)
     names = ", ".join(service.adapters) or "none"
     print(f"Serving {service.model_id} (soft prompts: {names}) at {server.url}/v1 (OpenAI) and "
           f"{server.url}/api (KoboldAI); Ctrl+C stops.", file=sys.stderr, flush=True)
@@ -396,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--config", metavar="YAML", help="read these settings from a YAML file")
     v.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every route")
     v.add_argument("--admin-key", metavar="KEY", help="key for loading/unloading soft prompts (default: the API key)")
+    v.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
+                   help="web pages beyond localhost that may call the server, e.g. https://lite.koboldai.net")
     v.add_argument("--device", metavar="D")
     v.add_argument("--dtype", metavar="T")
     v.add_argument("--verbose", action="store_true", help="log every request on stderr")

@@ -852,9 +852,13 @@ class MainWindow(QMainWindow):
                 adapters[name] = str(entry.path)
         config.prompt_adapters = adapters
         port = port if port is not None else int(self.settings.get("server.port", 2242))
+        service = None
         try:
-            self.server = KoboldServer(Service(self.worker.engine, config), config.host, port).start()
+            service = Service(self.worker.engine, config)
+            self.server = KoboldServer(service, config.host, port).start()
         except (OSError, KoboldError) as exc:
+            if service is not None:
+                service.close()
             self.notify("Cannot start the server", f"{exc}", error=True)
             return None
         self.server_start_action.setEnabled(False)

@@ -23,7 +23,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 2242
     api_key: str | None = None
-    admin_key: str | None = None  # for loading/unloading soft prompts; defaults to api_key
+    admin_key: str | None = None  # for loading/unloading soft prompts (and from any path); defaults to api_key
+    allowed_origins: list[str] = field(default_factory=list)  # web pages beyond localhost that may call
     max_batch: int = 16
 
     @classmethod
@@ -45,6 +46,12 @@ class ServeConfig:
         if not isinstance(adapters, dict):
             raise ServeConfigError(f"{path.name}: prompt_adapters must map names to paths.")
         data["prompt_adapters"] = {str(k): str(v) for k, v in adapters.items()}
+        origins = data.get("allowed_origins") or []
+        if isinstance(origins, str):
+            origins = [origins]
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise ServeConfigError(f"{path.name}: allowed_origins must be a list of origins like https://lite.koboldai.net.")
+        data["allowed_origins"] = [o.rstrip("/") for o in origins]
         return cls(**data)
 
     def merged(self, **overrides: Any) -> "ServeConfig":

@@ -1,184 +1,323 @@
-"""HTTP for the service: JSON in and out, server-sent events for streams, Bearer keys.
+"""HTTP for the service on FastAPI and uvicorn (what vLLM, Aphrodite and text-generation-webui
+serve with): thin routes, pydantic bodies, one error shape, server-sent events, and the
+rules that keep a local server safe from the web pages its user visits.
 
-The standard library's threading HTTP server is enough here: one thread per
-connection, and the model work happens on the scheduler's thread anyway.
+Safe by default (Ollama's and Jupyter's rules):
+- Host: a request must name a loopback host or the address we bound (DNS rebinding is
+  refused with 421), unless the server is bound to a public address, where the key is
+  the protection.
+- Origin: browsers send it on cross-site requests; only loopback origins and the
+  `allowed_origins` list may call at all (403), and only they get CORS headers.
+- Keys: `api_key` protects every route; `admin_key` the routes that load and unload soft
+  prompts, and it alone lets a request load a soft prompt from any path.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
+import socket
 import sys
 import threading
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
-from urllib.parse import parse_qs, urlsplit
+from typing import Any
 
-from kobold_desktop.server.service import ApiError, Service
+import uvicorn
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from kobold_desktop.server import protocol as p
+from kobold_desktop.server.service import ApiError, EventStream, Service
 
 MAX_BODY_BYTES = 16 << 20
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+LOOPBACK_ORIGIN = r"^https?://(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?$"
 
 
-def _routes(service: Service) -> dict[tuple[str, str], tuple[Callable[..., Any], bool, bool]]:
-    """(method, path) -> (handler, takes a body, needs the admin key)."""
-    return {
-        ("GET", "/v1/models"): (service.models, False, False),
-        ("POST", "/v1/completions"): (service.completions, True, False),
-        ("POST", "/v1/chat/completions"): (service.chat_completions, True, False),
-        ("POST", "/v1/soft_prompt/load"): (service.load_softprompt, True, True),
-        ("DELETE", "/v1/soft_prompt/unload"): (service.unload_softprompt, True, True),
-        ("GET", "/api/v1/model"): (service.kobold_model, False, False),
-        ("POST", "/api/v1/generate"): (service.kobold_generate, True, False),
-        ("GET", "/api/v1/info/version"): (service.kobold_version, False, False),
-        ("GET", "/api/extra/version"): (service.kobold_extra_version, False, False),
-        ("GET", "/api/v1/config/soft_prompt"): (service.kobold_get_softprompt, False, False),
-        ("PUT", "/api/v1/config/soft_prompt"): (service.kobold_put_softprompt, True, False),
-        ("GET", "/api/v1/config/soft_prompts_list"): (service.kobold_softprompts_list, False, False),
-    }
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
-def make_handler(service: Service, quiet: bool = True) -> type[BaseHTTPRequestHandler]:
-    routes = _routes(service)
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(ApiError(status, message, kind, param, code).body(), status_code=status)
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "KoboldDesktop"
 
-        def log_message(self, fmt: str, *args: Any) -> None:
-            if not quiet:
-                sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+def _bounds(request: Request, name: str) -> tuple[Any, Any]:
+    """The declared bounds of a body field, for messages like "must be between 0 and 100"."""
+    route = request.scope.get("route")
+    field = getattr(route, "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    for candidate in getattr(model, "__args__", None) or (model,):
+        info = getattr(candidate, "model_fields", {}).get(name)
+        if info is not None:
+            found = {type(m).__name__: m for m in info.metadata}
+            return getattr(found.get("Ge"), "ge", None), getattr(found.get("Le"), "le", None)
+    return None, None
 
-        def _send_json(self, status: int, payload: Any) -> None:
-            data = json.dumps(payload).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Access-Control-Allow-Origin", "*")
-            self.end_headers()
-            self.wfile.write(data)
 
-        def _send_stream(self, events) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.send_header("Access-Control-Allow-Origin", "*")
-            self.end_headers()
-            self.close_connection = True
+_KIND_WORDS = {"int": "int", "float": "float", "bool": "bool", "string": "str", "list": "a list", "dict": "an object"}
+
+
+def _validation_message(request: Request, error: dict[str, Any]) -> tuple[int, str, str | None]:
+    kind = error["type"]
+    if kind == "json_invalid":
+        return 400, f"the body is not valid JSON: {error.get('ctx', {}).get('error', '')}", None
+    loc = [str(part) for part in error["loc"] if part != "body"]
+    if not loc and kind in ("model_attributes_type", "dict_type"):
+        return 400, "the body must be a JSON object.", None
+    name = loc[0] if loc else "body"
+    where = ".".join(loc) or "body"
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        low, high = _bounds(request, name)
+        return 422, f"'{where}' must be between {low} and {high}.", name
+    if kind == "missing":
+        return 422, f"'{where}' is required.", name
+    if kind == "value_error":
+        return 422, f"'{where}' {error['msg'].removeprefix('Value error, ')}.", name
+    for prefix, word in _KIND_WORDS.items():
+        if kind.startswith(prefix):
+            return 422, f"'{where}' must be {word}.", name
+    return 422, f"'{where}': {error['msg']}.", name
+
+
+class Guard:
+    """Pure ASGI middleware (outermost): Host and Origin rules, and a cap on body size."""
+
+    def __init__(self, app, bound_host: str, allowed_origins: list[str]):
+        self.app = app
+        self.check_host = is_loopback(bound_host) or bound_host not in ("0.0.0.0", "::", "")
+        self.hosts = LOOPBACK_HOSTS | {bound_host, f"[{bound_host}]"}
+        self.origins = set(allowed_origins)
+        self.origin_re = re.compile(LOOPBACK_ORIGIN)
+
+    def origin_allowed(self, origin: str) -> bool:
+        return origin in self.origins or "*" in self.origins or bool(self.origin_re.match(origin))
+
+    async def _refuse(self, send, status: int, message: str) -> None:
+        body = json.dumps(ApiError(status, message, "permission_error").body()).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.check_host:
+            host = headers.get("host", "")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name not in self.hosts:
+                return await self._refuse(send, 421, f"this server answers only requests to localhost, not to "
+                                                     f"'{host}' (a DNS rebinding attempt, or a proxy: bind --host "
+                                                     "to the name clients use).")
+        origin = headers.get("origin")
+        if origin and origin != "null" and not self.origin_allowed(origin):
+            return await self._refuse(send, 403, f"requests from the web page at {origin} are not allowed; "
+                                                 "start the server with --allowed-origins to allow that site.")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return await self._refuse(send, 413, "the request body is too large.")
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, capped_receive, send)
+        except _TooLarge:
+            await self._refuse(send, 413, "the request body is too large.")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+
+
+def _matches(token: str, key: str | None) -> bool:
+    return bool(key) and hmac.compare_digest(token.encode(), key.encode())
+
+
+def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
+    config = service.config
+    app = FastAPI(title="Kobold Desktop", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def user(request: Request) -> None:
+        """Every route: the API key (or the admin key) when one is set."""
+        token = _token(request)
+        if config.api_key and not (_matches(token, config.api_key) or _matches(token, config.admin_key)):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY').",
+                           kind="authentication_error", code="invalid_api_key")
+
+    def admin(request: Request) -> bool:
+        """Loading and unloading soft prompts: the admin key, or the API key when no admin
+        key is set. True when the admin key itself was sent (then any path may load)."""
+        token = _token(request)
+        required = config.admin_key or config.api_key
+        if required and not _matches(token, required):
+            raise ApiError(401, "this route needs the admin key.", kind="authentication_error", code="invalid_api_key")
+        return _matches(token, config.admin_key)
+
+    deps = [Depends(user)]
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        status, message, param = _validation_message(request, exc.errors()[0])
+        return _error(status, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code in (404, 405):
+            return _error(exc.status_code, f"{request.method} {request.url.path} is not a route of this server.")
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception):  # a bug must not take the server down
+        traceback.print_exception(exc)
+        return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+    def respond(result: dict[str, Any] | EventStream):
+        if isinstance(result, dict):
+            return result
+
+        async def events():
+            iterator = iter(result)
             try:
-                for data in events:
-                    self.wfile.write(f"data: {data}\n\n".encode("utf-8"))
-                    self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client left; closing the generator cancels its requests
-            finally:
-                events.close()
+                while True:
+                    chunk = await run_in_threadpool(next, iterator, None)
+                    if chunk is None:
+                        return
+                    yield chunk
+            finally:  # finished, or the client went away: stop what still runs
+                result.cancel()
 
-        def _authorized(self, key: str | None) -> bool:
-            if not key:
-                return True
-            header = self.headers.get("Authorization", "")
-            token = header[7:] if header.startswith("Bearer ") else self.headers.get("X-Api-Key", "")
-            return hmac.compare_digest(token.encode(), key.encode())
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        def _body(self) -> dict[str, Any]:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                raise ApiError(413, "the request body is too large.")
-            raw = self.rfile.read(length) if length else b""
-            if not raw.strip():
-                return {}
-            try:
-                body = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ApiError(400, f"the body is not valid JSON: {exc}") from exc
-            if not isinstance(body, dict):
-                raise ApiError(400, "the body must be a JSON object.")
-            return body
+    # OpenAI and vLLM
+    app.get("/v1/models", dependencies=deps)(service.models)
 
-        def _dispatch(self, method: str) -> None:
-            url = urlsplit(self.path)
-            path = url.path.rstrip("/") or "/"
-            try:
-                route = routes.get((method, path))
-                body = self._body() if method in ("POST", "PUT", "DELETE") else {}
-                if route is None:
-                    known = any(p == path for _, p in routes)
-                    raise ApiError(405 if known else 404, f"{method} {path} is not a route of this server.")
-                handler, takes_body, admin = route
-                if not self._authorized(service.config.api_key):
-                    raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY').",
-                                   kind="authentication_error", code="invalid_api_key")
-                if admin and not self._authorized(service.config.admin):
-                    raise ApiError(401, "this route needs the admin key.", kind="authentication_error",
-                                   code="invalid_api_key")
-                if takes_body:
-                    for key, values in parse_qs(url.query).items():
-                        body.setdefault(key, values[-1])
-                    result = handler(body)
-                else:
-                    result = handler()
-            except ApiError as exc:
-                self._send_json(exc.status, exc.body())
-                return
-            except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
-                traceback.print_exc()
-                self._send_json(500, ApiError(500, f"internal error: {exc}", kind="server_error").body())
-                return
-            if isinstance(result, dict):
-                self._send_json(200, result)
-            else:
-                self._send_stream(result)
+    @app.post("/v1/completions", dependencies=deps)
+    def completions(body: p.CompletionRequest):
+        return respond(service.completions(body))
 
-        def do_GET(self) -> None:
-            self._dispatch("GET")
+    @app.post("/v1/chat/completions", dependencies=deps)
+    def chat_completions(body: p.ChatCompletionRequest):
+        return respond(service.chat_completions(body))
 
-        def do_POST(self) -> None:
-            self._dispatch("POST")
+    @app.post("/v1/soft_prompt/load", dependencies=deps)
+    def load_softprompt(body: p.LoadSoftPromptRequest, trusted: bool = Depends(admin)):
+        return service.load_softprompt(body, trusted)
 
-        def do_PUT(self) -> None:
-            self._dispatch("PUT")
+    @app.delete("/v1/soft_prompt/unload", dependencies=[*deps, Depends(admin)])
+    def unload_softprompt(body: p.UnloadSoftPromptRequest | None = None, name: str | None = Query(None)):
+        if body is None and not name:
+            raise ApiError(422, "'name' is required.", param="name")
+        return service.unload_softprompt(body or p.UnloadSoftPromptRequest(name=name))
 
-        def do_DELETE(self) -> None:
-            self._dispatch("DELETE")
+    for path in ("/v1/tokenize", "/tokenize"):
+        app.post(path, dependencies=deps)(service.tokenize)
+    for path in ("/v1/detokenize", "/detokenize"):
+        app.post(path, dependencies=deps)(service.detokenize)
 
-        def do_OPTIONS(self) -> None:
-            self.send_response(204)
-            self.send_header("Access-Control-Allow-Origin", "*")
-            self.send_header("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS")
-            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Api-Key")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    # KoboldAI
+    app.get("/api/v1/model", dependencies=deps)(service.kobold_model)
+    app.get("/api/v1/info/version", dependencies=deps)(service.kobold_version)
+    app.get("/api/v1/config/max_context_length", dependencies=deps)(service.kobold_max_context_length)
+    app.get("/api/v1/config/max_length", dependencies=deps)(service.kobold_max_length)
+    app.get("/api/v1/config/soft_prompt", dependencies=deps)(service.kobold_get_softprompt)
+    app.put("/api/v1/config/soft_prompt", dependencies=deps)(service.kobold_put_softprompt)
+    app.get("/api/v1/config/soft_prompts_list", dependencies=deps)(service.kobold_softprompts_list)
+    app.post("/api/v1/generate", dependencies=deps)(service.kobold_generate)
 
-    return Handler
+    # KoboldCpp
+    app.get("/api/extra/version", dependencies=deps)(service.kobold_extra_version)
+    app.get("/api/extra/true_max_context_length", dependencies=deps)(service.kobold_max_context_length)
+
+    @app.post("/api/extra/generate/stream", dependencies=deps)
+    def kobold_stream(body: p.KoboldGenerateRequest):
+        return respond(service.kobold_generate_stream(body))
+
+    @app.post("/api/extra/abort", dependencies=deps)
+    def abort(body: p.GenkeyRequest | None = None):
+        return service.kobold_abort(body or p.GenkeyRequest())
+
+    @app.api_route("/api/extra/generate/check", methods=["GET", "POST"], dependencies=deps)
+    def check(body: p.GenkeyRequest | None = None, genkey: str | None = Query(None)):
+        return service.kobold_check(body or p.GenkeyRequest(genkey=genkey))
+
+    @app.post("/api/extra/tokencount", dependencies=deps)
+    def tokencount(body: p.TokenCountRequest | None = None):
+        return service.kobold_tokencount(body or p.TokenCountRequest())
+
+    app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_origin_regex=LOOPBACK_ORIGIN,
+                       allow_methods=["*"], allow_headers=["*"], max_age=600)
+    app.add_middleware(Guard, bound_host=bound_host, allowed_origins=list(config.allowed_origins))
+    return app
 
 
 class KoboldServer:
-    """The HTTP server around a `Service`; `start()` runs it on a background thread."""
+    """uvicorn serving a `Service`; `start()` runs it on a background thread, `stop()` ends
+    it (and the service). Port 0 picks a free port."""
 
     def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 2242, quiet: bool = True):
         self.service = service
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(service, quiet))
-        self.httpd.daemon_threads = True
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.host, self.port = host, self._socket.getsockname()[1]
+        config = uvicorn.Config(create_app(service, host), log_level="info" if not quiet else "warning",
+                                access_log=not quiet, lifespan="off", timeout_keep_alive=5,
+                                h11_max_incomplete_event_size=64 * 1024)
+        self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def start(self) -> "KoboldServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http-server", daemon=True)
+        self._server.config.install_signal_handlers = False  # not the main thread
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name="http-server", daemon=True)
         self._thread.start()
+        while not self._server.started and self._thread.is_alive():
+            threading.Event().wait(0.01)
         return self
 
     def serve_forever(self) -> None:
-        self.httpd.serve_forever()
+        """In the main thread: Ctrl+C stops it (uvicorn's own signal handling)."""
+        self._server.run(sockets=[self._socket])
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.service.close()
+        self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._socket.close()
+        self.service.close()
+
+
+def warn_if_exposed(host: str, api_key: str | None) -> None:
+    if not is_loopback(host) and not api_key:
+        print(f"warning: serving on {host} without an API key: anyone who can reach this machine can use the "
+              "model and load soft prompts. Set --api-key (and --admin-key).", file=sys.stderr)

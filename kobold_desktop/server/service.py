@@ -1,8 +1,9 @@
-"""What the server does, independent of HTTP: each route is a function of the request body.
+"""What the server does, independent of HTTP: each route is a method taking its checked body.
 
-OpenAI-compatible (`/v1/...`) and KoboldAI-compatible (`/api/...`) routes share one
-`Service`: the base model, the soft prompts served as models ("prompt adapters"), and
-the batch scheduler. Errors are `ApiError`s carrying OpenAI's error shape and status.
+OpenAI-compatible (`/v1/...`), KoboldAI-compatible (`/api/v1/...`) and KoboldCpp's
+(`/api/extra/...`) routes share one `Service`: the base model, the soft prompts served as
+models ("prompt adapters"), the batch scheduler, and the generations running now (for
+KoboldCpp's check and abort). Errors are `ApiError`s carrying OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -11,20 +12,24 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from kobold_desktop import __version__
+from kobold_desktop import __version__, paths
 from kobold_desktop.engine import ActiveSoftPrompt, Engine, SamplingSettings, SettingsError
 from kobold_desktop.engine.sampling import SEED_LIMIT
 from kobold_desktop.engine.sequence import GenerationResult, TextChunk
 from kobold_desktop.errors import KoboldError
+from kobold_desktop.server import protocol as p
 from kobold_desktop.server.config import ServeConfig, ServeConfigError
 from kobold_desktop.server.scheduler import BatchScheduler, RequestStream
 
 KOBOLD_API_VERSION = "1.2.5"
-MAX_N = 16
+# What KoboldCpp's /api/extra/version reports: SillyTavern and KoboldAI Lite unlock
+# streaming, token counting and min-p by comparing `result` and `version`.
+KOBOLDCPP_VERSION = "1.80.0"
+DEFAULT_MAX_LENGTH = 512
 
 
 class ApiError(Exception):
@@ -37,36 +42,42 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def _field(body: dict, name: str, kind, default=None, *, minimum=None, maximum=None):
-    """A request field of the given type (int accepted for float), within bounds."""
-    value = body.get(name, default)
-    if value is None:
-        return default
-    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        raise ApiError(422, f"'{name}' must be {kind.__name__}.", param=name)
-    if minimum is not None and value < minimum or maximum is not None and value > maximum:
-        raise ApiError(422, f"'{name}' must be between {minimum} and {maximum}.", param=name)
-    return value
-
-
-def _stops(value: Any, name: str = "stop") -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value) and len(value) <= 16:
-        return tuple(value)
-    raise ApiError(422, f"'{name}' must be a string or a list of at most 16 strings.", param=name)
-
-
 @dataclass(frozen=True)
 class Adapter:
     name: str
     softprompt: ActiveSoftPrompt
     source: str
+
+
+@dataclass
+class Generation:
+    """A KoboldAI generation running now: its streams, and the text so far (for check)."""
+
+    key: str
+    streams: list[RequestStream]
+    text: list[str] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        for stream in self.streams:
+            stream.cancel.set()
+
+
+class EventStream:
+    """Server-sent events of a streaming request; `cancel()` stops its generations (the
+    HTTP layer calls it when the client goes away)."""
+
+    def __init__(self, events: Iterator[str], streams: list[RequestStream], done: Callable[[], None] = lambda: None):
+        self._events, self._streams, self._done = events, streams, done
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._events
+        finally:
+            self._done()
+
+    def cancel(self) -> None:
+        for stream in self._streams:
+            stream.cancel.set()
 
 
 class Service:
@@ -75,15 +86,18 @@ class Service:
         self.config = config
         self.adapters: dict[str, Adapter] = {}
         self.kobold_softprompt: str | None = None  # KoboldAI's "current soft prompt"
+        self.generations: dict[str, Generation] = {}  # KoboldAI generations running now, by genkey
         self._lock = threading.Lock()
         self.model_id = engine.loaded.info.name
+        self.start_paths: set[Path] = set()  # paths given at start may be loaded again by path
         if config.prompt_adapters and not config.enable_prompt_adapter:
             raise ServeConfigError("prompt_adapters are listed but enable_prompt_adapter is false.")
         for name, source in config.prompt_adapters.items():
             try:
-                self.add_adapter(name, source)
+                adapter = self.add_adapter(name, source, trusted=True)
             except ApiError as exc:
                 raise ServeConfigError(f"prompt adapter '{name}': {exc.message}") from exc
+            self.start_paths.add(adapter_path(adapter.source))
         self.scheduler = BatchScheduler(engine, max_batch=config.max_batch)
 
     def close(self) -> None:
@@ -91,24 +105,37 @@ class Service:
 
     # -- soft prompts as models --------------------------------------------------------------
 
-    def _resolve(self, source: str) -> Path:
-        path = Path(source).expanduser()
-        if path.exists():
-            return path
+    def _resolve(self, source: str, trusted: bool) -> Path:
+        """A soft prompt by path or library name. Untrusted requests (no admin key) may
+        name only the user's soft prompt folders, the bundled examples, and paths given at
+        start: a web page must not make the server read the user's other files."""
         from kobold_desktop.softprompt.library import SoftPromptLibrary
 
+        path = Path(source).expanduser()
+        if path.exists():
+            if not trusted and not self._allowed(path):
+                raise ApiError(403, "soft prompts load by path only from your soft prompt folders or the paths "
+                                    "given at start; set an admin key and send it to load others.",
+                               param="path", code="path_not_allowed")
+            return path
         try:
             return SoftPromptLibrary().find(source).path
         except KoboldError as exc:
             raise ApiError(404, str(exc), code="softprompt_not_found") from exc
 
-    def add_adapter(self, name: str, source: str) -> Adapter:
+    def _allowed(self, path: Path) -> bool:
+        resolved = path.resolve()
+        folders = [paths.user_softprompt_dir(), paths.bundled_softprompt_dir()]
+        return resolved in {p.resolve() for p in self.start_paths} or any(
+            resolved.is_relative_to(folder.resolve()) for folder in folders)
+
+    def add_adapter(self, name: str, source: str, trusted: bool = False) -> Adapter:
         if not self.config.enable_prompt_adapter:
             raise ApiError(400, "soft prompts (prompt adapters) are disabled on this server.")
         if not name or name == self.model_id:
             raise ApiError(422, "a soft prompt needs a name other than the base model's.", param="name")
         try:
-            softprompt = self.engine.prepare_softprompts([self._resolve(source)])
+            softprompt = self.engine.prepare_softprompts([self._resolve(source, trusted)])
         except ApiError:
             raise
         except KoboldError as exc:
@@ -124,11 +151,9 @@ class Service:
             self.adapters[name] = adapter
         return adapter
 
-    def _model(self, name: Any) -> ActiveSoftPrompt | None:
-        if name is None or name == self.model_id:
+    def _model(self, name: str | None) -> ActiveSoftPrompt | None:
+        if not name or name == self.model_id:
             return None
-        if not isinstance(name, str):
-            raise ApiError(422, "'model' must be a string.", param="model")
         with self._lock:
             adapter = self.adapters.get(name)
         if adapter is None:
@@ -138,39 +163,38 @@ class Service:
     def models(self) -> dict[str, Any]:
         created = int(time.time())
         base = {"id": self.model_id, "object": "model", "created": created, "owned_by": "kobold-desktop",
-                "root": self.model_id, "parent": None}
+                "root": self.model_id, "parent": None, "max_model_len": self.engine.context_length}
         with self._lock:
             adapters = list(self.adapters.values())
         return {"object": "list", "data": [base] + [
             {"id": a.name, "object": "model", "created": created, "owned_by": "kobold-desktop",
-             "root": self.model_id, "parent": self.model_id, "softprompt_tokens": a.softprompt.n_tokens}
+             "root": self.model_id, "parent": self.model_id, "max_model_len": self.engine.context_length,
+             "softprompt_tokens": a.softprompt.n_tokens}
             for a in adapters]}
 
-    def load_softprompt(self, body: dict) -> dict[str, Any]:
-        name = _field(body, "name", str)
-        path = _field(body, "path", str)
-        if not name or not path:
-            raise ApiError(422, "'name' and 'path' are required.", param="name" if not name else "path")
-        adapter = self.add_adapter(name, path)
-        return {"status": "loaded", "name": name, "softprompt_tokens": adapter.softprompt.n_tokens}
+    def load_softprompt(self, body: p.LoadSoftPromptRequest, trusted: bool) -> dict[str, Any]:
+        adapter = self.add_adapter(body.name, body.path, trusted)
+        return {"status": "loaded", "name": body.name, "softprompt_tokens": adapter.softprompt.n_tokens}
 
-    def unload_softprompt(self, body: dict) -> dict[str, Any]:
-        name = _field(body, "name", str)
+    def unload_softprompt(self, body: p.UnloadSoftPromptRequest) -> dict[str, Any]:
         with self._lock:
-            if name not in self.adapters:
-                raise ApiError(404, f"no soft prompt named `{name}` is loaded.", param="name", code="model_not_found")
-            del self.adapters[name]
-        if self.kobold_softprompt == name:
+            if body.name not in self.adapters:
+                raise ApiError(404, f"no soft prompt named `{body.name}` is loaded.", param="name",
+                               code="model_not_found")
+            del self.adapters[body.name]
+        if self.kobold_softprompt == body.name:
             self.kobold_softprompt = None
-        return {"status": "unloaded", "name": name}
+        return {"status": "unloaded", "name": body.name}
 
     # -- generation ---------------------------------------------------------------------
 
-    def _prompt_ids(self, prompt: Any) -> list[int]:
+    def _prompt_ids(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
-            return self.engine.encode(prompt)
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt)
+            return [self.engine.encode(prompt)]
+        if prompt and all(isinstance(t, str) for t in prompt):
+            return [self.engine.encode(t) for t in prompt]
+        if prompt and all(isinstance(t, int) for t in prompt):
+            return [list(prompt)]
         raise ApiError(422, "'prompt' must be a string, a list of strings, or a list of token ids.", param="prompt")
 
     def _check_length(self, ids: list[int], softprompt: ActiveSoftPrompt | None, max_tokens: int) -> None:
@@ -182,19 +206,13 @@ class Service:
                                 f"soft prompt, {max_tokens} for the completion).", param="prompt",
                            code="context_length_exceeded")
 
-    def _settings(self, body: dict, max_tokens_field: str = "max_tokens", default_max: int = 16) -> SamplingSettings:
+    @staticmethod
+    def _settings(body: p.Sampling, max_tokens: int) -> SamplingSettings:
         try:
             return SamplingSettings(
-                max_new_tokens=_field(body, max_tokens_field, int, default_max, minimum=1, maximum=1_000_000),
-                temperature=_field(body, "temperature", float, 1.0, minimum=0, maximum=100),
-                top_p=_field(body, "top_p", float, 1.0, minimum=0, maximum=1) or 1.0,
-                top_k=max(0, _field(body, "top_k", int, 0, minimum=-1, maximum=1_000_000)),
-                min_p=_field(body, "min_p", float, 0.0, minimum=0, maximum=0.999),
-                typical_p=_field(body, "typical_p", float, 1.0, minimum=0.001, maximum=1) or 1.0,
-                repetition_penalty=_field(body, "repetition_penalty", float, 1.0, minimum=0.01, maximum=100),
-                seed=_field(body, "seed", int, None),
-                stop=_stops(body.get("stop")),
-            )
+                max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p or 1.0,
+                top_k=max(0, body.top_k), min_p=body.min_p, typical_p=body.typical_p or 1.0,
+                repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop)
         except SettingsError as exc:
             raise ApiError(422, str(exc)) from exc
 
@@ -221,90 +239,86 @@ class Service:
     def _finish(reason: str) -> str:
         return "length" if reason == "length" else "stop"
 
-    def completions(self, body: dict) -> dict[str, Any] | Iterator[str]:
-        softprompt = self._model(body.get("model"))
-        prompt = body.get("prompt", "")
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = [self._prompt_ids(p) for p in prompt]
-        else:
-            prompts = [self._prompt_ids(prompt)]
-        settings = self._settings(body)
-        n = _field(body, "n", int, 1, minimum=1, maximum=MAX_N)
+    @staticmethod
+    def _usage(results: list[GenerationResult]) -> dict[str, Any]:
+        prompt = sum(r.prompt_tokens + r.softprompt_tokens for r in results)
+        completion = sum(r.generated_tokens for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def completions(self, body: p.CompletionRequest) -> dict[str, Any] | EventStream:
+        softprompt = self._model(body.model)
+        prompts = self._prompt_ids(body.prompt)
+        settings = self._settings(body, body.max_tokens)
         for ids in prompts:
             self._check_length(ids, softprompt, settings.max_new_tokens)
-        streams = self._submit(prompts, softprompt, settings, n)
+        streams = self._submit(prompts, softprompt, settings, body.n)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": body.get("model") or self.model_id}
-        if _field(body, "stream", bool, False):
-            return self._stream_completion(meta, streams)
+                "model": body.model or self.model_id}
+        if body.stream:
+            def chunk(index: int, text: str, finish: str | None) -> str:
+                return json.dumps({**meta, "choices": [{"index": index, "text": text, "logprobs": None,
+                                                        "finish_reason": finish}]})
+
+            return EventStream(self._openai_events(streams, chunk), streams)
         results = [s.result() for s in streams]
         return {**meta, "choices": [{"index": i, "text": r.text, "logprobs": None,
                                      "finish_reason": self._finish(r.finish_reason)} for i, r in enumerate(results)],
                 "usage": self._usage(results)}
 
-    @staticmethod
-    def _usage(results: list[GenerationResult]) -> dict[str, int]:
-        prompt = sum(r.prompt_tokens + r.softprompt_tokens for r in results)
-        completion = sum(r.generated_tokens for r in results)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def _openai_events(self, streams: list[RequestStream], render) -> Iterator[str]:
+        for index, stream in enumerate(streams):
+            for event in stream:
+                if isinstance(event, TextChunk):
+                    yield f"data: {render(index, event.text, None)}\n\n"
+                else:
+                    yield f"data: {render(index, '', self._finish(event.finish_reason))}\n\n"
+        yield "data: [DONE]\n\n"
 
-    def _stream_completion(self, meta: dict, streams: list[RequestStream]) -> Iterator[str]:
-        def chunk(index: int, text: str, finish: str | None) -> str:
-            return json.dumps({**meta, "choices": [{"index": index, "text": text, "logprobs": None,
-                                                    "finish_reason": finish}]})
-
-        return self._stream_events(streams, chunk)
-
-    def _stream_events(self, streams: list[RequestStream], render) -> Iterator[str]:
-        results = []
-        try:
-            for index, stream in enumerate(streams):
-                for event in stream:
-                    if isinstance(event, TextChunk):
-                        yield render(index, event.text, None)
-                    else:
-                        results.append(event)
-                        yield render(index, "", self._finish(event.finish_reason))
-            yield "[DONE]"
-        finally:  # the client went away: stop what is still running
-            for stream in streams:
-                stream.cancel.set()
-
-    def chat_completions(self, body: dict) -> dict[str, Any] | Iterator[str]:
-        softprompt = self._model(body.get("model"))
+    def chat_completions(self, body: p.ChatCompletionRequest) -> dict[str, Any] | EventStream:
+        softprompt = self._model(body.model)
         tokenizer = self.engine.loaded.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions.")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise ApiError(422, "'messages' must be a list of {role, content} objects.", param="messages")
+        messages = [m.model_dump() for m in body.messages]
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - a template error is the request's fault
             raise ApiError(400, f"the chat template failed: {exc}", param="messages") from exc
         ids = self.engine.encode(text, add_special_tokens=False)
-        settings = self._settings(body, "max_tokens" if "max_tokens" in body else "max_completion_tokens")
-        n = _field(body, "n", int, 1, minimum=1, maximum=MAX_N)
+        settings = self._settings(body, body.max_tokens or body.max_completion_tokens or 16)
         self._check_length(ids, softprompt, settings.max_new_tokens)
-        streams = self._submit([ids], softprompt, settings, n)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": body.get("model") or self.model_id}
-        if _field(body, "stream", bool, False):
+        streams = self._submit([ids], softprompt, settings, body.n)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or self.model_id}
+        if body.stream:
             def chunk(index: int, text: str, finish: str | None) -> str:
                 delta = {"content": text} if text else {}
                 return json.dumps({**meta, "object": "chat.completion.chunk",
                                    "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
 
-            return self._stream_events(streams, chunk)
+            return EventStream(self._openai_events(streams, chunk), streams)
         results = [s.result() for s in streams]
         return {**meta, "object": "chat.completion", "choices": [
             {"index": i, "message": {"role": "assistant", "content": r.text},
              "finish_reason": self._finish(r.finish_reason)} for i, r in enumerate(results)],
             "usage": self._usage(results)}
 
-    # -- KoboldAI-compatible routes ------------------------------------------------------------
+    # -- tokens ------------------------------------------------------------------------------
+
+    def tokenize(self, body: p.TokenizeRequest) -> dict[str, Any]:
+        ids = self.engine.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.context_length}
+
+    def detokenize(self, body: p.DetokenizeRequest) -> dict[str, Any]:
+        vocab = len(self.engine.loaded.tokenizer)
+        if any(t < 0 or t >= vocab for t in body.tokens):
+            raise ApiError(422, f"'tokens' must be ids from 0 to {vocab - 1}.", param="tokens")
+        return {"prompt": self.engine.loaded.tokenizer.decode(body.tokens)}
+
+    def kobold_tokencount(self, body: p.TokenCountRequest) -> dict[str, Any]:
+        ids = self.engine.encode(body.prompt, add_special_tokens=False)
+        return {"value": len(ids), "ids": ids}
+
+    # -- KoboldAI- and KoboldCpp-compatible routes -------------------------------------------------
 
     def kobold_model(self) -> dict[str, Any]:
         return {"result": self.model_id}
@@ -313,7 +327,15 @@ class Service:
         return {"result": KOBOLD_API_VERSION}
 
     def kobold_extra_version(self) -> dict[str, Any]:
-        return {"result": "Kobold Desktop", "version": __version__}
+        return {"result": "KoboldCpp", "version": KOBOLDCPP_VERSION, "protected": bool(self.config.api_key),
+                "txt2img": False, "vision": False, "transcribe": False, "multiplayer": False, "websearch": False,
+                "product": "Kobold Desktop", "product_version": __version__}
+
+    def kobold_max_context_length(self) -> dict[str, Any]:
+        return {"value": self.engine.context_length}
+
+    def kobold_max_length(self) -> dict[str, Any]:
+        return {"value": min(DEFAULT_MAX_LENGTH, self.engine.context_length // 2)}
 
     def kobold_softprompts_list(self) -> dict[str, Any]:
         with self._lock:
@@ -322,37 +344,92 @@ class Service:
     def kobold_get_softprompt(self) -> dict[str, Any]:
         return {"value": self.kobold_softprompt or ""}
 
-    def kobold_put_softprompt(self, body: dict) -> dict[str, Any]:
-        value = _field(body, "value", str, "")
-        if value:
-            self._model(value)  # 404 if unknown
-        self.kobold_softprompt = value or None
+    def kobold_put_softprompt(self, body: p.PutSoftPromptRequest) -> dict[str, Any]:
+        if body.value:
+            self._model(body.value)  # 404 if unknown
+        self.kobold_softprompt = body.value or None
         return {}
 
-    @staticmethod
-    def _kobold_seed(value: Any) -> Any:
-        """KoboldAI clients send -1 (or any negative seed) for a random one."""
-        return None if isinstance(value, int) and not isinstance(value, bool) and value < 0 else value
-
-    def kobold_generate(self, body: dict) -> dict[str, Any]:
-        prompt = _field(body, "prompt", str, "")
-        name = _field(body, "soft_prompt", str, None) or self.kobold_softprompt
+    def _kobold_start(self, body: p.KoboldGenerateRequest) -> Generation:
+        name = body.soft_prompt or self.kobold_softprompt
         softprompt = self._model(name) if name else None
-        settings = self._settings({
-            "max_tokens": body.get("max_length", 80), "temperature": body.get("temperature", 0.7),
-            "top_p": body.get("top_p", 0.9), "top_k": body.get("top_k", 0),
-            "repetition_penalty": body.get("rep_pen", 1.1), "seed": self._kobold_seed(body.get("sampler_seed")),
-            "stop": body.get("stop_sequence"), "typical_p": body.get("typical", 1.0),
-            "min_p": body.get("min_p", 0.0)})
-        if "rep_pen_range" in body:
-            settings = settings.with_changes(
-                repetition_penalty_range=_field(body, "rep_pen_range", int, 1024, minimum=0, maximum=1_000_000))
-        ids = self.engine.encode(prompt)
-        limit = _field(body, "max_context_length", int, self.engine.context_length, minimum=1, maximum=10_000_000)
-        limit = min(limit, self.engine.context_length) - (softprompt.n_tokens if softprompt else 0)
-        room = limit - settings.max_new_tokens
+        seed = None if body.sampler_seed is None or body.sampler_seed < 0 else body.sampler_seed  # -1: random
+        try:
+            settings = SamplingSettings(
+                max_new_tokens=body.max_length, temperature=body.temperature, top_p=body.top_p or 1.0,
+                top_k=max(0, body.top_k), min_p=body.min_p, typical_p=body.typical or 1.0,
+                repetition_penalty=body.rep_pen, seed=seed, stop=body.stop_sequence + body.stopping_strings,
+                **({} if body.rep_pen_range is None else {"repetition_penalty_range": body.rep_pen_range}))
+        except SettingsError as exc:
+            raise ApiError(422, str(exc)) from exc
+        ids = self.engine.encode(body.prompt)
+        limit = min(body.max_context_length or self.engine.context_length, self.engine.context_length)
+        room = limit - (softprompt.n_tokens if softprompt else 0) - settings.max_new_tokens
         if room < 1:
             raise ApiError(400, "max_context_length leaves no room for the prompt after max_length and the soft prompt.")
         ids = ids[-room:]  # KoboldAI front ends send the whole story; keep its end
-        result = self._submit([ids], softprompt, settings, 1)[0].result()
-        return {"results": [{"text": result.text, "finish_reason": self._finish(result.finish_reason)}]}
+        generation = Generation(body.genkey or uuid.uuid4().hex, self._submit([ids], softprompt, settings, 1))
+        with self._lock:
+            self.generations[generation.key] = generation
+        return generation
+
+    def _kobold_end(self, generation: Generation) -> None:
+        with self._lock:
+            if self.generations.get(generation.key) is generation:
+                del self.generations[generation.key]
+
+    def kobold_generate(self, body: p.KoboldGenerateRequest) -> dict[str, Any]:
+        generation = self._kobold_start(body)
+        try:
+            for event in generation.streams[0]:
+                if isinstance(event, TextChunk):
+                    generation.text.append(event.text)
+                else:
+                    return {"results": [{"text": event.text, "finish_reason": self._finish(event.finish_reason),
+                                         "prompt_tokens": event.prompt_tokens + event.softprompt_tokens,
+                                         "completion_tokens": event.generated_tokens}]}
+        finally:
+            self._kobold_end(generation)
+        raise ApiError(500, "the generation ended without a result.", kind="server_error")
+
+    def kobold_generate_stream(self, body: p.KoboldGenerateRequest) -> EventStream:
+        """KoboldCpp's stream: `event: message` and `data: {"token", "finish_reason"}` per
+        chunk, the last with the finish reason; the stream ends by closing (no [DONE])."""
+        generation = self._kobold_start(body)
+
+        def events() -> Iterator[str]:
+            for event in generation.streams[0]:
+                if isinstance(event, TextChunk):
+                    generation.text.append(event.text)
+                    data = {"token": event.text, "finish_reason": None}
+                else:
+                    data = {"token": "", "finish_reason": self._finish(event.finish_reason)}
+                yield f"event: message\ndata: {json.dumps(data)}\n\n"
+
+        return EventStream(events(), generation.streams, lambda: self._kobold_end(generation))
+
+    def _generation_for(self, genkey: str | None) -> Generation | None:
+        with self._lock:
+            if genkey:
+                return self.generations.get(genkey)
+            if len(self.generations) == 1:  # only one runs: it is the one meant
+                return next(iter(self.generations.values()))
+        return None
+
+    def kobold_abort(self, body: p.GenkeyRequest) -> dict[str, Any]:
+        if body.genkey:
+            targets = [g for g in [self._generation_for(body.genkey)] if g is not None]
+        else:
+            with self._lock:
+                targets = list(self.generations.values())
+        for generation in targets:
+            generation.cancel()
+        return {"success": "true" if targets else "false", "done": "true"}
+
+    def kobold_check(self, body: p.GenkeyRequest) -> dict[str, Any]:
+        generation = self._generation_for(body.genkey)
+        return {"results": [{"text": "".join(generation.text) if generation else ""}]}
+
+
+def adapter_path(source: str) -> Path:
+    return Path(source).expanduser()

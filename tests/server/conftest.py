@@ -50,7 +50,7 @@ def server(server_engine, adapter_files):
 
 class Client:
     def __init__(self, server, key=None):
-        self.host, self.port = server.httpd.server_address[:2]
+        self.host, self.port = server.host, server.port
         self.key = key
 
     def raw(self, method, path, body=None, headers=None):
@@ -69,7 +69,7 @@ class Client:
 
     def stream(self, path, body):
         response = self.raw("POST", path, body)
-        assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+        assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
         events = []
         for line in response.read().decode().split("\n\n"):
             if line.startswith("data: "):

@@ -109,13 +109,18 @@ def test_api_key_protects_every_route(server_engine, adapter_files):
         assert Client(srv, "wrong").call("POST", "/v1/completions", BODY)[0] == 401
         load = {"name": "sea", "path": str(adapter_files["sea"])}
         assert user.call("POST", "/v1/soft_prompt/load", load)[0] == 401
-        assert admin.call("POST", "/v1/soft_prompt/load", load)[0] == 401  # still needs the API key too
+        # The separate admin key works on its own (it used to need the API key in the same header).
+        assert admin.call("POST", "/v1/soft_prompt/load", load)[0] == 200
+        assert admin.call("GET", "/v1/models")[0] == 200
     finally:
         srv.stop()
     srv = start_server(server_engine, ServeConfig(api_key="k"))
     try:
-        assert Client(srv, "k").call("POST", "/v1/soft_prompt/load",
-                                     {"name": "sea", "path": str(adapter_files["sea"])})[0] == 200
+        from kobold_desktop.paths import user_softprompt_dir
+
+        inside = user_softprompt_dir() / "sea.zip"
+        inside.write_bytes(adapter_files["sea"].read_bytes())
+        assert Client(srv, "k").call("POST", "/v1/soft_prompt/load", {"name": "sea", "path": str(inside)})[0] == 200
     finally:
         srv.stop()
 
@@ -126,8 +131,14 @@ def test_load_and_unload_softprompts(client, adapter_files):
     assert "extra" in [m["id"] for m in client.call("GET", "/v1/models")[1]["data"]]
     status, body = client.call("POST", "/v1/soft_prompt/load", {"name": "x", "path": str(adapter_files["forest"])})
     assert status == 400 and "max_prompt_adapters (3)" in body["error"]["message"]
-    assert client.call("POST", "/v1/soft_prompt/load", {"name": "w", "path": str(adapter_files["wide"])})[1][
+    from kobold_desktop.paths import user_softprompt_dir
+
+    wide = user_softprompt_dir() / "wide.zip"
+    wide.write_bytes(adapter_files["wide"].read_bytes())
+    client.call("DELETE", "/v1/soft_prompt/unload", {"name": "extra"})
+    assert client.call("POST", "/v1/soft_prompt/load", {"name": "w", "path": str(wide)})[1][
         "error"]["message"].endswith("made for a model with hidden size 64; this model has 32.")
+    client.call("POST", "/v1/soft_prompt/load", {"name": "extra", "path": str(adapter_files["sea"])})
     assert client.call("DELETE", "/v1/soft_prompt/unload?name=extra")[0] == 200
     assert client.call("POST", "/v1/completions", {**BODY, "model": "extra"})[0] == 404
     assert client.call("DELETE", "/v1/soft_prompt/unload", {"name": "extra"})[0] == 404
@@ -136,7 +147,8 @@ def test_load_and_unload_softprompts(client, adapter_files):
 def test_koboldai_routes(client, server_engine, adapter_files):
     assert client.call("GET", "/api/v1/model")[1] == {"result": "gpt2"}
     assert client.call("GET", "/api/v1/info/version")[1]["result"]
-    assert client.call("GET", "/api/extra/version")[1]["result"] == "Kobold Desktop"
+    version = client.call("GET", "/api/extra/version")[1]
+    assert version["result"] == "KoboldCpp" and version["product"] == "Kobold Desktop"  # clients compare `result`
     assert client.call("GET", "/api/v1/config/soft_prompts_list")[1] == {"values": [{"value": "sea"}, {"value": "forest"}]}
     assert client.call("GET", "/api/v1/config/soft_prompt")[1] == {"value": ""}
     assert client.call("PUT", "/api/v1/config/soft_prompt", {"value": "sea"})[0] == 200

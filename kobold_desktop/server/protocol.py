@@ -1,0 +1,127 @@
+"""Request bodies, one pydantic model per route (vLLM's `protocol.py` does the same).
+
+Fields have bounds; unknown fields are accepted and ignored, because front ends send many
+(SillyTavern sends `sampler_order`, `tfs`, `top_a`, `mirostat*`, `dry_*`, `xtc_*`...).
+Everything arrives checked: a route's code never sees a wrong type.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOPS = 16
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _stops(value):
+    """A stop string, a list of them, or nothing: always a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list) and len(value) <= MAX_STOPS and all(isinstance(v, str) for v in value):
+        return tuple(v for v in value if v)
+    raise ValueError(f"must be a string or a list of at most {MAX_STOPS} strings")
+
+
+Stops = tuple[str, ...]
+
+
+class Sampling(Body):
+    """OpenAI's (and vLLM's) sampling fields."""
+
+    temperature: Annotated[float, Field(ge=0, le=100)] = 1.0
+    top_p: Annotated[float, Field(ge=0, le=1)] = 1.0  # 0 means off, as 1
+    top_k: Annotated[int, Field(ge=-1, le=1_000_000)] = 0  # 0 or -1: off
+    min_p: Annotated[float, Field(ge=0, le=0.999)] = 0.0
+    typical_p: Annotated[float, Field(ge=0, le=1)] = 1.0
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=100)] = 1.0
+    seed: int | None = None
+    stop: Stops = ()
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stream: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, value):
+        return _stops(value)
+
+
+class CompletionRequest(Sampling):
+    model: str | None = None
+    prompt: Union[str, list[str], list[int]] = ""
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] = 16
+
+
+class ChatMessage(Body):
+    role: str
+    content: str
+
+
+class ChatCompletionRequest(Sampling):
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
+    max_completion_tokens: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
+
+
+class KoboldGenerateRequest(Body):
+    """KoboldAI's and KoboldCpp's generate body, as SillyTavern and KoboldAI Lite send it."""
+
+    prompt: str = ""
+    max_length: Annotated[int, Field(ge=1, le=1_000_000)] = 80
+    max_context_length: Annotated[int | None, Field(ge=1, le=10_000_000)] = None
+    temperature: Annotated[float, Field(ge=0, le=100)] = 0.7
+    top_p: Annotated[float, Field(ge=0, le=1)] = 0.9
+    top_k: Annotated[int, Field(ge=-1, le=1_000_000)] = 0
+    min_p: Annotated[float, Field(ge=0, le=0.999)] = 0.0
+    typical: Annotated[float, Field(ge=0, le=1)] = 1.0
+    rep_pen: Annotated[float, Field(ge=0.01, le=100)] = 1.1
+    rep_pen_range: Annotated[int | None, Field(ge=0, le=1_000_000)] = None
+    sampler_seed: int | None = None  # KoboldCpp: -1 (any negative) for a random seed
+    stop_sequence: Stops = ()
+    stopping_strings: Stops = ()  # SillyTavern's name in its text-completion mode
+    soft_prompt: str | None = None
+    genkey: str | None = None  # KoboldCpp: names this generation for check and abort
+
+    @field_validator("stop_sequence", "stopping_strings", mode="before")
+    @classmethod
+    def _check_stop(cls, value):
+        return _stops(value)
+
+
+class GenkeyRequest(Body):
+    genkey: str | None = None
+
+
+class LoadSoftPromptRequest(Body):
+    name: Annotated[str, Field(min_length=1)]
+    path: Annotated[str, Field(min_length=1)]
+
+
+class UnloadSoftPromptRequest(Body):
+    name: Annotated[str, Field(min_length=1)]
+
+
+class PutSoftPromptRequest(Body):
+    value: str = ""
+
+
+class TokenCountRequest(Body):
+    prompt: str = ""
+
+
+class TokenizeRequest(Body):
+    model: str | None = None
+    prompt: str = ""
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(Body):
+    model: str | None = None
+    tokens: list[int]
