@@ -74,6 +74,7 @@ class KoboldGenerateRequest(Body):
     """KoboldAI's and KoboldCpp's generate body, as SillyTavern and KoboldAI Lite send it."""
 
     prompt: str = ""
+    memory: str = ""  # KoboldCpp: goes before the prompt and is never cut to fit (KoboldAI Lite sends it)
     max_length: Annotated[int, Field(ge=1, le=1_000_000)] = 80
     max_context_length: Annotated[int | None, Field(ge=1, le=10_000_000)] = None
     temperature: Annotated[float, Field(ge=0, le=100)] = 0.7

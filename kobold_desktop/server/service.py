@@ -362,12 +362,14 @@ class Service:
                 **({} if body.rep_pen_range is None else {"repetition_penalty_range": body.rep_pen_range}))
         except SettingsError as exc:
             raise ApiError(422, str(exc)) from exc
-        ids = self.engine.encode(body.prompt)
+        memory = self.engine.encode(body.memory) if body.memory else []
+        ids = self.engine.encode(body.prompt, add_special_tokens=not memory)
         limit = min(body.max_context_length or self.engine.context_length, self.engine.context_length)
-        room = limit - (softprompt.n_tokens if softprompt else 0) - settings.max_new_tokens
+        room = limit - (softprompt.n_tokens if softprompt else 0) - settings.max_new_tokens - len(memory)
         if room < 1:
-            raise ApiError(400, "max_context_length leaves no room for the prompt after max_length and the soft prompt.")
-        ids = ids[-room:]  # KoboldAI front ends send the whole story; keep its end
+            raise ApiError(400, "max_context_length leaves no room for the prompt after max_length, the memory "
+                                "and the soft prompt.")
+        ids = memory + ids[-room:]  # front ends send the whole story: keep its end, and the memory whole
         generation = Generation(body.genkey or uuid.uuid4().hex, self._submit([ids], softprompt, settings, 1))
         with self._lock:
             self.generations[generation.key] = generation

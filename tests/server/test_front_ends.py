@@ -193,3 +193,26 @@ def test_a_truncated_body_from_a_client_that_leaves_harms_nothing(client):
     for t in threads:
         t.join()
     assert results == [200, 200, 200]
+
+
+# KoboldAI Lite's generate body (its submit_generation for a KoboldCpp endpoint).
+LITE = {
+    "n": 1, "max_context_length": 64, "max_length": 10, "rep_pen": 1.0, "temperature": 0, "top_p": 1, "top_k": 0,
+    "top_a": 0, "typical": 1, "tfs": 1, "rep_pen_range": 360, "rep_pen_slope": 0.7, "sampler_order": [6, 0, 1, 3, 4, 2, 5],
+    "memory": "A tale of the sea.\n", "trim_stop": True, "genkey": "KCPP7788", "min_p": 0, "dynatemp_range": 0,
+    "dynatemp_exponent": 1, "smoothing_factor": 0, "banned_tokens": [], "render_special": False,
+    "presence_penalty": 0, "logit_bias": {}, "prompt": "word " * 100 + "The knight rode", "quiet": True,
+    "stop_sequence": ["You:", "\nYou "], "use_default_badwordsids": False, "bypass_eos": False,
+}
+
+
+def test_koboldai_lites_body_keeps_its_memory_whole_and_the_storys_end(client, server_engine):
+    status, body = client.call("POST", "/api/v1/generate", LITE)
+    assert status == 200
+    memory = server_engine.encode(LITE["memory"])
+    story = server_engine.encode(LITE["prompt"], add_special_tokens=False)
+    room = 64 - 10 - len(memory)
+    want = server_engine.generate(memory + story[-room:], GREEDY.with_changes(
+        max_new_tokens=10, stop=("You:", "\nYou "), repetition_penalty_range=360))
+    assert body["results"][0]["text"] == want.text
+    assert body["results"][0]["prompt_tokens"] == 64 - 10
