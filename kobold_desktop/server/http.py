@@ -14,6 +14,7 @@ Safe by default (Ollama's and Jupyter's rules):
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import re
@@ -35,6 +36,7 @@ from kobold_desktop.server import protocol as p
 from kobold_desktop.server.service import ApiError, EventStream, Service
 
 MAX_BODY_BYTES = 16 << 20
+BODY_TIMEOUT_S = 30.0  # a client that stops sending its body gets 408 (a slow client holds nothing else)
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 LOOPBACK_ORIGIN = r"^https?://(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?$"
 
@@ -123,24 +125,33 @@ class Guard:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
             return await self._refuse(send, 413, "the request body is too large.")
-        received = 0
-
-        async def capped_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
+        # Read the whole body here, capped in size and time, then hand it on: a client that
+        # sends too much gets 413, one that stops sending gets 408, and routes never wait.
+        chunks, received = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                return await self._refuse(send, 408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s.")
+            if message["type"] == "http.disconnect":
+                return None  # the client left: nobody to answer
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
             if received > MAX_BODY_BYTES:
-                raise _TooLarge()
-            return message
+                return await self._refuse(send, 413, "the request body is too large.")
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        try:
-            await self.app(scope, capped_receive, send)
-        except _TooLarge:
-            await self._refuse(send, 413, "the request body is too large.")
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: disconnect notices for streaming responses
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def _token(request: Request) -> str:

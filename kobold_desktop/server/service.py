@@ -419,14 +419,12 @@ class Service:
         return None
 
     def kobold_abort(self, body: p.GenkeyRequest) -> dict[str, Any]:
-        if body.genkey:
-            targets = [g for g in [self._generation_for(body.genkey)] if g is not None]
-        else:
-            with self._lock:
-                targets = list(self.generations.values())
-        for generation in targets:
+        """Stop the generation named by `genkey`; without one, the generation running, if
+        only one runs (never other clients' work)."""
+        generation = self._generation_for(body.genkey)
+        if generation is not None:
             generation.cancel()
-        return {"success": "true" if targets else "false", "done": "true"}
+        return {"success": "true" if generation else "false", "done": "true"}
 
     def kobold_check(self, body: p.GenkeyRequest) -> dict[str, Any]:
         generation = self._generation_for(body.genkey)

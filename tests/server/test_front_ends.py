@@ -216,3 +216,32 @@ def test_koboldai_lites_body_keeps_its_memory_whole_and_the_storys_end(client, s
         max_new_tokens=10, stop=("You:", "\nYou "), repetition_penalty_range=360))
     assert body["results"][0]["text"] == want.text
     assert body["results"][0]["prompt_tokens"] == 64 - 10
+
+
+def test_a_client_that_stops_sending_its_body_gets_408(server_engine, monkeypatch):
+    monkeypatch.setattr("kobold_desktop.server.http.BODY_TIMEOUT_S", 0.5)
+    srv = start_server(server_engine, ServeConfig())
+    try:
+        client = Client(srv)
+        with socket.create_connection((client.host, client.port), timeout=10) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 500\r\n\r\n{\"prompt\": \"The")
+            reply = conn.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
+        assert client.call("POST", "/v1/completions", BODY)[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_abort_without_a_genkey_stops_only_a_lone_generation(client, server):
+    from kobold_desktop.server.service import Generation
+
+    service = server.service
+    a, b = Generation("A", []), Generation("B", [])
+    service.generations.update({"A": a, "B": b})
+    try:
+        assert client.call("POST", "/api/extra/abort")[1]["success"] == "false"  # two run: not guessed
+        del service.generations["B"]
+        assert client.call("POST", "/api/extra/abort")[1]["success"] == "true"
+    finally:
+        service.generations.clear()
