@@ -113,6 +113,24 @@ def run_self_test(out=print) -> int:
 
         return run
 
+    def local_server() -> str:
+        import json
+        import urllib.request
+
+        from kobold_desktop.server.config import ServeConfig
+        from kobold_desktop.server.http import KoboldServer
+        from kobold_desktop.server.service import Service
+
+        server = KoboldServer(Service(state["engine"], ServeConfig()), "127.0.0.1", 0).start()
+        try:
+            body = json.dumps({"prompt": "And it came to pass", "max_tokens": 4, "temperature": 0}).encode()
+            request = urllib.request.Request(f"{server.url}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        finally:
+            server.stop()
+        return f"{server.url}/v1/completions answered {reply['usage']['completion_tokens']} tokens"
+
     def window_code() -> str:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
         from kobold_desktop.qt._qt import QApplication
@@ -128,6 +146,7 @@ def run_self_test(out=print) -> int:
         if "softprompt" in state:
             check("loads a bundled soft prompt", load_softprompt_check)
             check("generates with it", generate_with)
+        check("the local server answers over HTTP", local_server)
     check("reads a Deflate64 soft prompt zip", compressed("deflate64"))
     check("reads an LZMA soft prompt zip", compressed("lzma"))
     check("window code starts offscreen", window_code)

@@ -30,7 +30,7 @@ def test_self_test_passes_and_says_what_it_checked(fake_bundle, capsys):
                   "loads a bundled soft prompt", "generates with it", "reads a Deflate64 soft prompt zip",
                   "reads an LZMA soft prompt zip", "window code starts offscreen"):
         assert f"[ok] {check}" in out
-    assert "self-test: 8 passed, 0 failed" in out
+    assert "self-test: 9 passed, 0 failed" in out
 
 
 def test_self_test_fails_without_a_demo_model(fake_bundle, capsys):
