@@ -2,7 +2,7 @@ import pytest
 
 from kobold_desktop.engine import Engine
 
-from ..helpers import FLOAT32
+from ..helpers import ARCHITECTURES, FLOAT32
 
 
 
@@ -17,3 +17,12 @@ def gpt2_engine(model_dirs):
 def engine(gpt2_engine):
     gpt2_engine.set_softprompt(None)
     return gpt2_engine
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch_engine(request, model_dirs):
+    """(architecture, engine) for each of the five tiny architectures, in float32."""
+    engine = Engine()
+    engine.load(model_dirs[request.param], FLOAT32)
+    yield request.param, engine
+    engine.unload()

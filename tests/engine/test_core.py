@@ -16,7 +16,7 @@ from kobold_desktop.engine.generate import generate_step
 from kobold_desktop.engine.sequence import Sequence, eos_token_ids
 from kobold_desktop.softprompt import Metadata, kobold_zip
 
-from ..helpers import ARCHITECTURES, FLOAT32
+from ..helpers import FLOAT32
 
 GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=16)
 PROMPTS = ["The knight", "Once upon a time there was a", "In", "She opened the door and saw"]
@@ -39,14 +39,6 @@ class TokenCounter:
 
     def close(self):
         self._handle.remove()
-
-
-@pytest.fixture(scope="module", params=ARCHITECTURES)
-def arch_engine(request, model_dirs):
-    engine = Engine()
-    engine.load(model_dirs[request.param], FLOAT32)
-    yield request.param, engine
-    engine.unload()
 
 
 @pytest.fixture

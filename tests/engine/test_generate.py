@@ -9,7 +9,7 @@ from kobold_desktop.engine import Engine, GenerationResult, ModelError, Sampling
 from kobold_desktop.softprompt import Metadata, kobold_zip
 from kobold_desktop.softprompt.errors import HiddenSizeMismatchError
 
-from ..helpers import ARCHITECTURES, FLOAT32
+from ..helpers import FLOAT32
 
 GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=24)
 PROMPT = "The knight rode through the dark"
@@ -22,14 +22,6 @@ def reference_generate(model, ids, max_new_tokens, eos_id=0, **kwargs):
                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos_id, **kwargs)
     tokens = out[0, input_ids.shape[1]:].tolist()
     return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
-
-
-@pytest.fixture(scope="module", params=ARCHITECTURES)
-def arch_engine(request, model_dirs):
-    engine = Engine()
-    engine.load(model_dirs[request.param], FLOAT32)
-    yield request.param, engine
-    engine.unload()
 
 
 def test_without_softprompt_equals_model_generate(arch_engine):
