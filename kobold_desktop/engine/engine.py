@@ -131,8 +131,10 @@ class Engine:
         for source in sources:
             path = source.path if isinstance(source, SoftPrompt) else Path(source)
             # The header first: a soft prompt for another width is refused before its
-            # data is read (mkultra files have no header; describing them reads them).
-            require_compatible(describe_softprompt(path, self.limits), self.hidden_size)
+            # data is read. mkultra files have no header (describing one loads it), so
+            # they are loaded once and checked after.
+            if path.suffix.lower() != ".json":
+                require_compatible(describe_softprompt(path, self.limits), self.hidden_size)
             softprompt, tensor = load_softprompt(path, self.limits)
             warnings += require_compatible(softprompt, self.hidden_size, loaded.info.name)
             described.append(softprompt)
