@@ -11,7 +11,11 @@ run it with one sequence, the server with many that join and leave between steps
 
 Every row is `[its soft prompt rows][its tokens]`; the attention mask hides the padding
 and explicit position ids count each row from its own start, so a row computes what it
-would alone. An error while picking for one row fails only that row.
+would alone. An error while picking for one request fails only that request.
+
+A request is one row (`Sequence`) or several that share one pick: a mixture of soft
+prompts runs each member as a row over the same text (each with its own cache), picks
+from the mixed distribution and feeds the token to every member.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from typing import Any
 import torch
 
 from kobold_desktop.engine import kv
+from kobold_desktop.engine.errors import ModelError
 from kobold_desktop.engine.prefix_cache import PrefixCache
-from kobold_desktop.engine.sequence import Sequence
+from kobold_desktop.engine.sequence import Request, Sequence
 
 
 def _accepts(model: Any, name: str) -> bool:
@@ -64,20 +69,33 @@ class StepCore:
         return self.model(attention_mask=mask, past_key_values=cache, use_cache=True, **inputs, **kwargs,
                           **self._extra)
 
-    def add(self, seq: Sequence) -> None:
-        """Run `seq`'s prompt and add it to the batch. Raises on failure (the batch is
-        unchanged); the caller decides whom to tell."""
-        if seq.cancelled():
-            seq.finish("cancelled")
+    def add(self, request: Request) -> None:
+        """Run the prompt of each of `request`'s rows and add them to the batch. Raises on
+        failure (the batch is unchanged); the caller decides whom to tell."""
+        if request.cancelled():
+            request.finish("cancelled")
             return
+        prepared = [self._prefill(seq) for seq in request.rows]
+        if len(prepared) > 1 and not all(kv.is_joinable(cache) for cache, _ in prepared):
+            raise ModelError("this model's cache (sliding-window or quantized attention) cannot hold several "
+                             "rows side by side, so it cannot run a mixture of soft prompts; use one soft prompt.")
+        for seq, (cache, mask) in zip(request.rows, prepared):
+            self._join(seq, cache, mask)
+        request.started()
+
+    def _prefill(self, seq: Sequence) -> tuple[Any, torch.Tensor]:
+        """Run what no cached sequence already ran of `seq`'s prompt; its cache and mask."""
         total = seq.n_soft + len(seq.prompt_ids)
-        cache, reused = (None, 0)
+        cache, reused, scores = (None, 0, None)
         if self.prefix_cache is not None:
-            cache, reused = self.prefix_cache.lookup(seq.softprompt_key, seq.n_soft, seq.prompt_ids)
+            cache, reused, scores = self.prefix_cache.lookup(seq.softprompt_key, seq.n_soft, seq.prompt_ids,
+                                                             scored=seq.scoring)
         if cache is not None and cache.layers[0].keys.dtype != self.embed.weight.dtype:
             cache, reused = None, 0  # computed in another precision: never mixed in
-        if reused >= total:  # the whole prompt is cached: run its last position again for the logits
-            reused = total - 1
+        if reused >= total or (seq.scoring and reused):
+            # Run the last cached position again: its logits give the next token (and, for
+            # a scoring row, the score of the first token that is not cached).
+            reused = min(reused, total) - 1
             cache = kv.prefix(cache, reused) if reused else None
         if reused == 0:
             cache = None
@@ -91,16 +109,55 @@ class StepCore:
             else:
                 inputs = {"input_ids": ids[None, reused - seq.n_soft:]}
             mask = torch.ones(1, total, dtype=torch.long, device=device)
-            positions = torch.arange(reused, total, device=device)[None]
-            out = self._forward(mask, positions, cache, **inputs)
+            if seq.scoring:
+                cache, logits = self._scored_prefill(seq, ids, reused, scores, cache, inputs)
+            else:
+                positions = torch.arange(reused, total, device=device)[None]
+                out = self._forward(mask, positions, cache, **inputs)
+                cache, logits = out.past_key_values, out.logits[:, -1, :]
         self.tokens_run += total - reused
         self.tokens_reused += reused
-        if seq.text is not None:
-            seq.text.cached_tokens = reused
+        seq.reused = reused
         seq.next_position = total
         seq.history = ids[None]
-        seq.logits = out.logits[:, -1, :]
-        self._join(seq, out.past_key_values, mask)
+        seq.logits = logits
+        return cache, mask
+
+    SCORE_CHUNK = 256  # positions per forward pass when every position's logits are kept
+
+    def _scored_prefill(self, seq: Sequence, ids: torch.Tensor, reused: int, cached: Any, cache: Any,
+                        inputs: dict) -> tuple[Any, torch.Tensor]:
+        """Prefill that also scores each prompt token: log p(token | soft prompt, tokens
+        before it). Runs in chunks so that only a chunk's logits are ever held."""
+        n_soft, total, device = seq.n_soft, seq.n_soft + len(seq.prompt_ids), self.device
+        done = max(reused + 1 - n_soft, 0) if reused else 0  # tokens scored in the cache
+        pieces = [cached[:done].to(device)] if done else []
+        if reused == 0 and n_soft == 0:  # nothing predicts the very first token: it scores 0
+            pieces = [torch.zeros(1, device=device)]
+        (name, data), = inputs.items()
+        logits = None
+        for start in range(0, total - reused, self.SCORE_CHUNK):
+            part = data[:, start:start + self.SCORE_CHUNK]
+            first = reused + start  # position of the chunk's first input
+            last = first + part.shape[1]
+            mask = torch.ones(1, last, dtype=torch.long, device=device)
+            positions = torch.arange(first, last, device=device)[None]
+            extra = {"logits_to_keep": 0} if self._extra else {}
+            kwargs = {"position_ids": positions} if self._positions else {}
+            out = self.model(attention_mask=mask, past_key_values=cache, use_cache=True, **{name: part},
+                             **kwargs, **extra)
+            cache = out.past_key_values
+            # logits at position p score the token at position p + 1 (a prompt token when
+            # n_soft <= p + 1 < total)
+            lo = max(first, n_soft - 1)
+            hi = min(last, total - 1)
+            if hi > lo:
+                logp = torch.log_softmax(out.logits[0, lo - first: hi - first].float(), dim=-1)
+                targets = ids[lo + 1 - n_soft: hi + 1 - n_soft]
+                pieces.append(logp.gather(1, targets[:, None])[:, 0])
+            logits = out.logits[:, -1, :]
+        seq.scores = pieces
+        return cache, logits
 
     def _join(self, seq: Sequence, cache: Any, mask: torch.Tensor) -> None:
         if not self.rows:
@@ -114,37 +171,37 @@ class StepCore:
 
     # -- stepping ------------------------------------------------------------------------
 
-    def step(self) -> list[tuple[Sequence, int]]:
-        """Pick one token for every row, let finished rows leave, and run the model for the
-        others. Returns the (sequence, token id) pairs picked."""
-        picked, keep, tokens = [], [], []
+    def step(self) -> list[tuple[Request, int]]:
+        """Pick one token for every request (one pick for all the rows of a mixture), let
+        finished requests leave, and run the model for the rows of the others. Returns
+        the (request, token id) pairs picked."""
+        requests = list({id(seq.owner): seq.owner for seq in self.rows}.values())
+        picked, tokens = [], []
         with torch.inference_mode():
-            for seq in self.rows:
-                if seq.cancelled():
+            for request in requests:
+                if request.cancelled():
                     continue
                 try:
-                    tokens.append(seq.pick())
-                    picked.append(seq)
-                except Exception as exc:  # noqa: BLE001 - one row's failure is its own
-                    seq.fail(exc)
+                    tokens.append(request.pick())
+                    picked.append(request)
+                except Exception as exc:  # noqa: BLE001 - one request's failure is its own
+                    request.fail(exc)
             ids = torch.cat(tokens).tolist() if tokens else []  # the one transfer to the host
         result = list(zip(picked, ids))
-        token_of = {id(seq): (i, token) for i, (seq, token) in enumerate(result)}
-        for index, seq in enumerate(self.rows):
-            if seq.done:
+        token_of = {id(request): (i, token) for i, (request, token) in enumerate(result)}
+        for request in requests:
+            if request.done:
                 continue
-            if id(seq) not in token_of:
-                seq.finish("cancelled")
-                continue
-            i, token = token_of[id(seq)]
-            if seq.feed(token):
-                seq.finish()
-            else:
-                keep.append((index, seq, tokens[i], token))
-        self._leave([index for index, *_ in keep])
+            if id(request) not in token_of:
+                request.finish("cancelled")
+            elif request.feed(token_of[id(request)][1]):
+                request.finish()
+        keep = [(index, seq) for index, seq in enumerate(self.rows) if not seq.owner.done]
+        self._leave([index for index, _ in keep])
         if keep:
-            self._run([seq for _, seq, _, _ in keep], torch.cat([t for _, _, t, _ in keep]),
-                      [token for *_, token in keep])
+            chosen = [token_of[id(seq.owner)] for _, seq in keep]
+            self._run([seq for _, seq in keep], torch.cat([tokens[i] for i, _ in chosen]),
+                      [token for _, token in chosen])
         return result
 
     def _leave(self, keep: list[int]) -> None:
@@ -175,7 +232,10 @@ class StepCore:
             cache = self._cache  # the batch was this row alone: nothing to copy
         else:
             cache = kv.row(self._cache, index, n)
-        self.prefix_cache.store(seq.softprompt_key, seq.n_soft, seq.fed_ids, cache)
+        scores = None
+        if seq.scoring and seq.scores:
+            scores = torch.cat(seq.scores)[: len(seq.fed_ids)].float().cpu()
+        self.prefix_cache.store(seq.softprompt_key, seq.n_soft, seq.fed_ids, cache, scores)
 
     def _run(self, rows: list[Sequence], tokens: torch.Tensor, host_ids: list[int]) -> None:
         """One forward pass for `rows`, each fed its new token (`tokens` on the device,
@@ -195,13 +255,13 @@ class StepCore:
             seq.logits = logits[i : i + 1]
 
     def fail_all(self, error: BaseException) -> None:
-        """The model itself failed: every row hears of it, and the batch is emptied."""
+        """The model itself failed: every request hears of it, and the batch is emptied."""
         for seq in self.rows:
-            seq.fail(error)
+            seq.owner.fail(error)
         self.rows, self._cache, self._mask = [], None, None
 
     def close(self) -> None:
-        """End every row now (their caches are kept for reuse)."""
+        """End every request now (their rows' caches are kept for reuse)."""
         for seq in self.rows:
-            seq.finish("cancelled")
+            seq.owner.finish("cancelled")
         self._leave([])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 
@@ -22,14 +22,17 @@ from kobold_desktop.engine.generate import (
     GenerationResult,
     StreamEvent,
     collect,
-    stream_generate,
+    stream_request,
 )
 from kobold_desktop.engine.loader import LoadedModel, LoadOptions, Progress, load_model
 from kobold_desktop.engine.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 from kobold_desktop.engine.sampling import SamplingSettings
 from kobold_desktop.engine.core import StepCore
+from kobold_desktop.engine.mixture import ActiveMixture
+from kobold_desktop.engine.sequence import Request, Sink, eos_token_ids, softprompt_fingerprint
 from kobold_desktop.engine.sequence import Sequence as Row
-from kobold_desktop.engine.sequence import softprompt_fingerprint
+from kobold_desktop.errors import KoboldError
+from kobold_desktop.softprompt.mixture import Mixture, MixtureError
 from kobold_desktop.softprompt import (
     DEFAULT_LIMITS,
     Limits,
@@ -57,12 +60,30 @@ class ActiveSoftPrompt:
     def n_tokens(self) -> int:
         return int(self.tensor.shape[0])
 
+    def request(self, prompt_ids: Sequence[int], settings: SamplingSettings, sink: Sink | None = None,
+                cancel: threading.Event | None = None, *, tokenizer: Any = None, eos: set[int] = frozenset(),
+                generator: torch.Generator | None = None) -> Row:
+        return Row(prompt_ids, self.tensor, settings, sink, cancel, tokenizer=tokenizer, eos=eos,
+                   softprompt_key=self.key, generator=generator)
+
+
+Active = Union[ActiveSoftPrompt, ActiveMixture]
+
+
+def make_request(active: Active | None, prompt_ids: Sequence[int], settings: SamplingSettings,
+                 sink: Sink | None = None, cancel: threading.Event | None = None, *, tokenizer: Any = None,
+                 eos: set[int] = frozenset(), generator: torch.Generator | None = None) -> Request:
+    """The core's request for a prompt under a soft prompt, a mixture, or neither."""
+    if active is None:
+        return Row(prompt_ids, None, settings, sink, cancel, tokenizer=tokenizer, eos=eos, generator=generator)
+    return active.request(prompt_ids, settings, sink, cancel, tokenizer=tokenizer, eos=eos, generator=generator)
+
 
 class Engine:
     def __init__(self, loaded: LoadedModel | None = None, limits: Limits = DEFAULT_LIMITS,
                  prefix_cache_bytes: int = DEFAULT_MAX_BYTES):
         self._loaded = loaded
-        self._softprompt: ActiveSoftPrompt | None = None
+        self._softprompt: Active | None = None
         self.limits = limits
         self.lock = threading.RLock()
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -88,8 +109,8 @@ class Engine:
             self._loaded = load_model(source, options, progress or (lambda m, f: None))
             if previous is not None:
                 try:
-                    self.set_softprompts(previous.sources)
-                except ModelError:
+                    self._softprompt = self._prepare_again(previous)
+                except KoboldError:
                     self._softprompt = None
             return self._loaded
 
@@ -118,8 +139,14 @@ class Engine:
     # -- soft prompts ------------------------------------------------------------------
 
     @property
-    def softprompt(self) -> ActiveSoftPrompt | None:
+    def softprompt(self) -> Active | None:
+        """The active soft prompt or mixture."""
         return self._softprompt
+
+    def _prepare_again(self, active: Active) -> Active | None:
+        if isinstance(active, ActiveMixture):
+            return self.prepare_mixture(active.mixture, active.paths)
+        return self.prepare_softprompts(active.sources)
 
     def prepare_softprompts(self, sources: Sequence[SoftPrompt | str | Path]) -> ActiveSoftPrompt | None:
         """Load, check and cast soft prompts for this model without activating them.
@@ -159,6 +186,39 @@ class Engine:
     def set_softprompt(self, source: SoftPrompt | str | Path | None) -> ActiveSoftPrompt | None:
         return self.set_softprompts([] if source is None else [source])
 
+    def prepare_mixture(self, mixture: Mixture, paths: Sequence[str | Path]) -> ActiveMixture:
+        """Load and check every member (`paths[i]` is member i's file) without activating
+        the mixture. Members of weight 0 are left out; a member that cannot be used is
+        refused with its name in the message."""
+        self.loaded  # no model: say so, not that a member failed
+        if len(paths) != len(mixture.members):
+            raise MixtureError(f"mixture '{mixture.name}' has {len(mixture.members)} members but "
+                               f"{len(paths)} files were given.", mixture.path)
+        members, weights, used, warnings = [], [], [], []
+        for member, path in zip(mixture.members, paths):
+            if member.weight <= 0:
+                continue
+            try:
+                prepared = self.prepare_softprompts([path])
+            except KoboldError as exc:
+                reason = getattr(exc, "reason", str(exc))
+                raise MixtureError(f"mixture '{mixture.name}': member '{Path(member.softprompt).name}' cannot be "
+                                   f"used: {reason}", mixture.path) from exc
+            members.append(prepared)
+            weights.append(member.weight)
+            used.append(Path(path))
+            warnings += prepared.warnings
+        total = sum(weights)
+        return ActiveMixture(mixture, tuple(members), tuple(w / total for w in weights), tuple(used),
+                             tuple(warnings))
+
+    def set_mixture(self, mixture: Mixture, paths: Sequence[str | Path]) -> ActiveMixture:
+        """Make a mixture the active soft prompt. On any error the previous one stays."""
+        prepared = self.prepare_mixture(mixture, paths)
+        with self.lock:
+            self._softprompt = prepared
+        return prepared
+
     # -- generating --------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -176,7 +236,7 @@ class Engine:
         prompt: str | Sequence[int],
         settings: SamplingSettings = SamplingSettings(),
         cancel: threading.Event | None = None,
-        softprompt: ActiveSoftPrompt | None | str = "active",
+        softprompt: Active | None | str = "active",
     ) -> Iterator[StreamEvent]:
         """Stream text chunks, then the result. The prompt is used verbatim: a string is
         tokenized with the model's special tokens (BOS), a list of ids is used as is.
@@ -193,20 +253,13 @@ class Engine:
                     f"({settings.max_new_tokens}) need {total} tokens; the model's context is "
                     f"{self.context_length}."
                 )
-        yield from stream_generate(
-            loaded.model,
-            loaded.tokenizer,
-            prompt_ids,
-            active.tensor if active else None,
-            settings,
-            cancel,
-            prefix_cache=self.prefix_cache,
-            lock=self.lock,
-            check=lambda: self.require(loaded),
-            softprompt_key=active.key if active else None,
-        )
+        events: list = []
+        request = make_request(active, prompt_ids, settings, events.append, cancel, tokenizer=loaded.tokenizer,
+                               eos=eos_token_ids(loaded.model, loaded.tokenizer))
+        yield from stream_request(loaded.model, request, events, prefix_cache=self.prefix_cache, lock=self.lock,
+                                  check=lambda: self.require(loaded))
 
-    def run(self, sequences: Sequence["Row"], max_batch: int = 64) -> None:
+    def run(self, sequences: Sequence[Request], max_batch: int = 64) -> None:
         """Run `sequences` together until every one has ended (rows join as others leave),
         each reporting to its own sink. Holds the lock one step at a time."""
         loaded = self.loaded
@@ -216,7 +269,8 @@ class Engine:
             while waiting or core.active:
                 with self.lock:
                     self.require(loaded)
-                    while waiting and len(core.rows) < max_batch and core.can_join:
+                    while waiting and core.can_join and (
+                            not core.rows or len(core.rows) + len(waiting[0].rows) <= max_batch):
                         row = waiting.pop(0)
                         try:
                             core.add(row)
@@ -235,6 +289,6 @@ class Engine:
         prompt: str | Sequence[int],
         settings: SamplingSettings = SamplingSettings(),
         cancel: threading.Event | None = None,
-        softprompt: ActiveSoftPrompt | None | str = "active",
+        softprompt: Active | None | str = "active",
     ) -> GenerationResult:
         return collect(self.stream(prompt, settings, cancel, softprompt))

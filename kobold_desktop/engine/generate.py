@@ -22,6 +22,7 @@ from kobold_desktop.engine.sequence import (  # noqa: F401 - the public names of
     CancelCriteria,
     Continuation,
     GenerationResult,
+    Request,
     Sequence,
     StreamEvent,
     TextChunk,
@@ -82,23 +83,37 @@ def stream_generate(
     for reuse). `check` runs under the lock before each step (the engine uses it to make
     sure the model is still the one this stream started on).
     """
-    lock = lock if lock is not None else nullcontext()
-    check = check or (lambda: None)
     events: list = []
     seq = Sequence(prompt_ids, softprompt, settings, events.append, cancel, tokenizer=tokenizer,
                    eos=eos_token_ids(model, tokenizer), softprompt_key=softprompt_key)
+    yield from stream_request(model, seq, events, prefix_cache=prefix_cache, lock=lock, check=check)
+
+
+def stream_request(
+    model: Any,
+    request: Request,
+    events: list,
+    *,
+    prefix_cache: PrefixCache | None = None,
+    lock: AbstractContextManager | None = None,
+    check: Callable[[], None] | None = None,
+) -> Iterator[StreamEvent]:
+    """Run one request (a sequence or a mixture) whose sink appends to `events`, and yield
+    what it reports; `stream_generate` for requests built elsewhere."""
+    lock = lock if lock is not None else nullcontext()
+    check = check or (lambda: None)
     core = StepCore(model, prefix_cache)
     try:
         with lock:
             check()
-            core.add(seq)
+            core.add(request)
         yield from _drain(events)
         while core.active:
             with lock:
                 check()
                 core.step()
             yield from _drain(events)
-    except GeneratorExit:  # the consumer went away: end the row, keep its work for reuse
+    except GeneratorExit:  # the consumer went away: end the request, keep its work for reuse
         with lock:
             try:
                 check()

@@ -7,6 +7,10 @@ request looks for the entry sharing the longest prefix with it and runs only the
 soft prompt's fingerprint too, because its rows come first: another soft prompt shares
 nothing. An LRU bounded in bytes; the newest entry is always kept, since it is the one
 the window's next turn needs and its memory was in use a moment ago anyway.
+
+A member of a `bayes` mixture also needs the log-probability its soft prompt gave each
+token (the posterior is their sum), so its entries carry those scores; a lookup that
+needs scores only matches entries that have them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class _Entry:
     ids: tuple[int, ...]
     cache: Any
     nbytes: int
+    scores: Any = None  # float tensor on the CPU, one log-probability per id, or None
 
     @property
     def n_positions(self) -> int:
@@ -61,32 +66,44 @@ class PrefixCache:
         with self._lock:
             self._entries.clear()
 
-    def lookup(self, softprompt_key: str | None, n_soft: int, ids: Sequence[int]) -> tuple[Any, int]:
-        """The cache of the longest stored prefix of `[soft prompt][ids]` and its length in
-        positions (soft prompt rows included), or (None, 0). The cache returned is a new
-        object over the stored tensors; growing it never changes the entry."""
+    def lookup(self, softprompt_key: str | None, n_soft: int, ids: Sequence[int],
+               scored: bool = False) -> tuple[Any, int, Any]:
+        """The cache of the longest stored prefix of `[soft prompt][ids]`, its length in
+        positions (soft prompt rows included) and, when `scored`, the scores of its ids;
+        or (None, 0, None). The cache returned is a new object over the stored tensors;
+        growing it never changes the entry."""
         best, best_n = None, 0
         with self._lock:
             for key, entry in self._entries.items():
                 if entry.softprompt_key != softprompt_key or entry.n_soft != n_soft:
                     continue
+                if scored and entry.scores is None:
+                    continue
                 n = n_soft + _common(entry.ids, ids)
                 if n > best_n:
                     best, best_n = key, n
             if best is None:
-                return None, 0
+                return None, 0, None
             self._entries.move_to_end(best)
-            return kv.prefix(self._entries[best].cache, best_n), best_n
+            entry = self._entries[best]
+            scores = entry.scores[: best_n - n_soft] if scored else None
+            return kv.prefix(entry.cache, best_n), best_n, scores
 
-    def store(self, softprompt_key: str | None, n_soft: int, ids: Sequence[int], cache: Any) -> None:
-        """Keep `cache`, which holds exactly `n_soft + len(ids)` positions of one row."""
+    def store(self, softprompt_key: str | None, n_soft: int, ids: Sequence[int], cache: Any,
+              scores: Any = None) -> None:
+        """Keep `cache`, which holds exactly `n_soft + len(ids)` positions of one row
+        (and `scores`, one per id, if given)."""
         if not kv.is_joinable(cache) or kv.length(cache) != n_soft + len(ids):
             return
-        entry = _Entry(softprompt_key, n_soft, tuple(ids), cache, kv.nbytes(cache))
+        if scores is not None and len(scores) != len(ids):
+            scores = None
+        entry = _Entry(softprompt_key, n_soft, tuple(ids), cache, kv.nbytes(cache), scores)
         with self._lock:
-            # An entry that is a prefix of the new one can give nothing the new one cannot.
+            # An entry that is a prefix of the new one can give nothing the new one cannot
+            # (unless it has scores and the new one does not).
             for key in [k for k, e in self._entries.items()
                         if e.softprompt_key == softprompt_key and e.n_soft == n_soft
+                        and (scores is not None or e.scores is None)
                         and len(e.ids) <= len(entry.ids) and entry.ids[: len(e.ids)] == e.ids]:
                 del self._entries[key]
             self._entries[self._next] = entry

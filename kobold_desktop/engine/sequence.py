@@ -25,6 +25,7 @@ from kobold_desktop.engine.sampling import SamplingSettings, build_processors, p
 @dataclass(frozen=True)
 class TextChunk:
     text: str
+    weights: tuple[float, ...] | None = None  # a mixture's member weights when the text became final
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class GenerationResult:
     token_ids: tuple[int, ...] = ()
     cached_tokens: int = 0  # positions (soft prompt rows included) taken from an earlier sequence's cache
     first_token_seconds: float | None = None  # from the request to its first token
+    mixture_weights: tuple[float, ...] | None = None  # a mixture's member weights at the end
 
     @property
     def tokens_per_second(self) -> float:
@@ -167,8 +169,78 @@ class Continuation:
         )
 
 
-class Sequence:
-    """One request in the stepping core.
+class Request:
+    """What the stepping core asks of every request: its rows, a pick, a feed, an end.
+
+    A `Sequence` is a request of one row; a mixture of soft prompts
+    (`mixture.MixedSequence`) is one request of several rows that share one pick. The
+    text side, the sink, the cancel flag and the seeded generator live here.
+    """
+
+    rows: list["Sequence"]
+    text: Continuation | None
+    settings: SamplingSettings
+    _generator: torch.Generator | None
+
+    def __init__(self, settings: SamplingSettings, sink: Sink | None, cancel: threading.Event | None,
+                 generator: torch.Generator | None):
+        self.settings = settings
+        self.sink = sink or (lambda event: None)
+        self.cancel = cancel
+        self._generator = generator
+        self.done = False
+
+    def generator_for(self, device: torch.device) -> torch.Generator | None:
+        """The private generator, on the device where the draw happens (seeded runs are
+        reproducible on the same device)."""
+        if self._generator is None and self.settings.seed is not None:
+            self._generator = torch.Generator(device=device).manual_seed(self.settings.seed)
+        return self._generator
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def started(self) -> None:
+        """Every row's prompt has run (the core calls this once, after `add`)."""
+        if self.text is not None:
+            self.text.cached_tokens = sum(row.reused for row in self.rows)
+
+    def pick(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _chunk(self, chunk: TextChunk) -> Any:
+        return chunk
+
+    def _result(self, result: GenerationResult) -> GenerationResult:
+        return result
+
+    def feed(self, token: int) -> bool:
+        """The chosen token: its text goes to the sink. True when the request is over."""
+        if self.text is None:
+            return self.cancelled()
+        for chunk in self.text.feed(token):
+            self.sink(self._chunk(chunk))
+        return self.text.finish_reason is not None
+
+    def finish(self, reason: str | None = None) -> None:
+        """Close the text side and send the result (once)."""
+        if self.done:
+            return
+        self.done = True
+        if self.text is not None:
+            for chunk in self.text.close(reason):
+                self.sink(self._chunk(chunk))
+            self.sink(self._result(self.text.result()))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self.sink(error)
+
+
+class Sequence(Request):
+    """One row in the stepping core, and a request of its own unless it is a member of
+    a mixture (then `owner` is the mixture, which picks for it).
 
     Without a tokenizer (`text=None`) the sequence never ends by itself: the caller reads
     token ids and stops when it likes (`generate_step`). With one, its `Continuation`
@@ -188,6 +260,7 @@ class Sequence:
         softprompt_key: str | None = None,
         generator: torch.Generator | None = None,
     ):
+        super().__init__(settings, sink, cancel, generator)
         self.prompt_ids = [int(t) for t in prompt_ids]
         self.softprompt = softprompt
         self.n_soft = 0 if softprompt is None else int(softprompt.shape[0])
@@ -196,53 +269,20 @@ class Sequence:
         if softprompt is not None and softprompt_key is None:
             softprompt_key = softprompt_fingerprint(softprompt)
         self.softprompt_key = softprompt_key
-        self.settings = settings
-        self.sink = sink or (lambda event: None)
-        self.cancel = cancel
         self.text = (Continuation(tokenizer, self.prompt_ids, self.n_soft, settings, eos, cancel)
                      if tokenizer is not None else None)
         self.processors = build_processors(settings)
-        self._generator = generator
+        self.rows = [self]
+        self.owner: Request = self  # who picks this row's tokens
+        self.scoring = False  # keep each fed token's log-probability (a bayes mixture's member)
+        self.scores: list[torch.Tensor] = []  # pieces, one value per fed id once the prompt ran
+        self.reused = 0  # positions taken from the prefix cache
         self.fed_ids = list(self.prompt_ids)  # token ids whose keys and values are in the cache
         self.next_position = 0  # set by the core when the prompt has been run
         self.history: torch.Tensor | None = None  # [1, n] on the model's device, for the penalties
         self.logits: torch.Tensor | None = None  # [1, vocab]: the next token's scores
-        self.done = False
-
-    def generator_for(self, device: torch.device) -> torch.Generator | None:
-        """The private generator, on the device where the draw happens (seeded runs are
-        reproducible on the same device)."""
-        if self._generator is None and self.settings.seed is not None:
-            self._generator = torch.Generator(device=device).manual_seed(self.settings.seed)
-        return self._generator
-
-    def cancelled(self) -> bool:
-        return self.cancel is not None and self.cancel.is_set()
 
     def pick(self) -> torch.Tensor:
         """The next token id as a [1] tensor on the logits' device."""
         return pick_next_token(self.history, self.logits, self.processors, self.settings.greedy,
                                self.generator_for(self.logits.device))
-
-    def feed(self, token: int) -> bool:
-        """The chosen token: its text goes to the sink. True when the sequence is over."""
-        if self.text is None:
-            return self.cancelled()
-        for chunk in self.text.feed(token):
-            self.sink(chunk)
-        return self.text.finish_reason is not None
-
-    def finish(self, reason: str | None = None) -> None:
-        """Close the text side and send the result (once)."""
-        if self.done:
-            return
-        self.done = True
-        if self.text is not None:
-            for chunk in self.text.close(reason):
-                self.sink(chunk)
-            self.sink(self.text.result())
-
-    def fail(self, error: BaseException) -> None:
-        if not self.done:
-            self.done = True
-            self.sink(error)
