@@ -75,11 +75,15 @@ def cmd_softprompt_list(args: argparse.Namespace) -> int:
     print("Folders: " + ", ".join(str(f) for f in library.folders))
     if not rows:
         print("No soft prompts found.")
-    for row in rows:
+    for row, entry in zip(rows, entries):
         if not row["valid"]:
             status = f"INVALID: {row['error']}"
         elif info is not None and not row["compatible"]:
             status = f"does not fit: {row['reason']}"
+        elif entry.is_mixture:
+            missing = [m["softprompt"] for m in row["members"] if not m["found"]]
+            status = f"{entry.mixture.mode} {entry.mixture.label}" + (
+                f"; missing: {', '.join(missing)}" if missing else "")
         else:
             status = f"{row['n_tokens']} tokens, hidden size {row['hidden_size']}, {row['format']}"
         print(f"{row['name']}  [{row['file']}]  {status}")
@@ -175,6 +179,50 @@ def resolve_softprompt(name_or_path: str) -> Path:
     return SoftPromptLibrary().find(name_or_path).path
 
 
+def resolve_mixture(args: argparse.Namespace):
+    """(mixture, member files) from --mixture FILE_OR_NAME or --mix SP=WEIGHT..., or None."""
+    from kobold_desktop.softprompt.mixture import MixtureMember, read_mixture, resolve_members
+
+    mode = getattr(args, "mix_mode", None)
+    if getattr(args, "mixture", None):
+        from kobold_desktop.softprompt.library import SoftPromptLibrary
+
+        library = SoftPromptLibrary()
+        path = Path(args.mixture).expanduser()
+        if not path.is_file():
+            entry = library.find(args.mixture)
+            if entry.mixture is None:
+                raise UsageError(f"--mixture {args.mixture}: that is a soft prompt, not a mixture file; "
+                                 "use --softprompt, or --mix SP=WEIGHT.")
+            path = entry.path
+        mixture = read_mixture(path)
+        if mode:
+            from dataclasses import replace
+
+            mixture = replace(mixture, mode=mode)
+        return mixture, resolve_members(mixture, library.folders)
+    if getattr(args, "mix", None):
+        members = []
+        for item in args.mix:
+            name, sep, weight = item.rpartition("=")
+            try:
+                value = float(weight)
+            except ValueError:
+                value = None
+            if not sep or not name or value is None:
+                raise UsageError(f"--mix {item}: write it as SOFTPROMPT=WEIGHT, e.g. --mix Proverbs.zip=0.7.")
+            members.append(MixtureMember(str(resolve_softprompt(name)), value))
+        from kobold_desktop.softprompt.mixture import parse_mixture
+
+        mixture = parse_mixture({"name": "command line", "mode": mode or "bayes",
+                                 "members": [{"softprompt": m.softprompt, "weight": m.weight} for m in members]},
+                                paths_allowed=True)
+        return mixture, [Path(m.softprompt) for m in mixture.members]
+    if mode:
+        raise UsageError("--mix-mode goes with --mixture or --mix.")
+    return None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from kobold_desktop.engine import Engine, LoadOptions, SamplingSettings
 
@@ -197,15 +245,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop or ()),
     )
+    if args.softprompt and (args.mixture or args.mix):
+        raise UsageError("--softprompt concatenates soft prompts, --mixture and --mix mix them; use one or the other.")
+    files = [resolve_softprompt(s) for s in args.softprompt or ()]
+    from kobold_desktop.softprompt.mixture import is_mixture_file
+
+    if any(is_mixture_file(f) for f in files):  # a mixture file given as --softprompt: use it as one
+        if len(files) > 1:
+            raise UsageError("a mixture file cannot be concatenated with other soft prompts; give it alone.")
+        args.mixture, files = str(files[0]), []
+    mixture = resolve_mixture(args)
     _quiet_transformers()
     engine = Engine()
     model = resolve_model(args.model)
     print(f"Loading {model} ...", file=sys.stderr)
     engine.load(model, LoadOptions(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code))
-    if args.softprompt:
-        active = engine.set_softprompts([resolve_softprompt(s) for s in args.softprompt])
-        for warning in active.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+    active = None
+    if mixture is not None:
+        active = engine.set_mixture(*mixture)
+        print(active.name + f" ({active.mode})", file=sys.stderr)
+    elif files:
+        active = engine.set_softprompts(files)
+    for warning in active.warnings if active else ():
+        print(f"warning: {warning}", file=sys.stderr)
     result = None
     for event in engine.stream(prompt, settings):
         if hasattr(event, "finish_reason"):
@@ -215,7 +277,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     assert result is not None
     if args.json:
-        _print_json(result.to_dict())
+        data = result.to_dict()
+        if result.mixture_weights is not None:
+            data["mixture_weights"] = {name: round(w, 6) for name, w in
+                                       zip(active.member_names, result.mixture_weights)}
+        _print_json(data)
     else:
         sys.stdout.write("\n")
         print(
@@ -249,8 +315,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
     )
     out = output_path(args.out)
-    if out.exists():
-        raise UsageError(f"--out {out} already exists; choose another name.")
+    if args.mixture is not None:
+        if args.mixture < 2:
+            raise UsageError("--mixture K trains K soft prompts together; K is at least 2.")
+        if args.peft_out:
+            raise UsageError("--peft-out writes one adapter; with --mixture convert the member zips afterwards.")
+        targets = mixture_outputs(out, args.mixture)
+    else:
+        targets = [out]
+    for target in targets:
+        if target.exists():
+            raise UsageError(f"--out: {target} already exists; choose another name.")
     text = read_training_text(args.data)
     _quiet_transformers()
     engine = Engine()
@@ -265,6 +340,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     blocks = make_blocks(text, loaded.tokenizer, config.block_len, config.held_out_share, config.seed)
     print(f"{blocks.train.shape[0]} training blocks, {blocks.held_out.shape[0]} held out, "
           f"{config.block_len} tokens each", file=sys.stderr)
+    if args.mixture is not None:
+        return _tune_mixture(args, engine, loaded, blocks, config, targets)
     checkpoint = paths.user_cache_dir() / "tuning" / (out.stem + ".ckpt")
     with engine.lock:
         result = train_softprompt(loaded.model, loaded.tokenizer, blocks, config,
@@ -279,6 +356,105 @@ def cmd_tune(args: argparse.Namespace) -> int:
         change = (result.held_out_loss / result.baseline_held_out_loss - 1) * 100
         print(f"held-out loss: {result.held_out_loss:.4f} with the soft prompt, "
               f"{result.baseline_held_out_loss:.4f} without ({change:+.1f}%)", file=sys.stderr)
+    return EXIT_OK
+
+
+def mixture_outputs(out: Path, k: int) -> list[Path]:
+    """`Style.zip` with --mixture 3 -> Style-1.zip, Style-2.zip, Style-3.zip, then Style.json."""
+    return [out.with_name(f"{out.stem}-{i}.zip") for i in range(1, k + 1)] + [out.with_suffix(".json")]
+
+
+def _tune_mixture(args: argparse.Namespace, engine, loaded, blocks, config, targets: list[Path]) -> int:
+    from kobold_desktop.softprompt import Metadata
+    from kobold_desktop.softprompt.mixture import Mixture, MixtureMember, write_mixture
+    from kobold_desktop.tuning.export import export_softprompt
+    from kobold_desktop.tuning.mixture import train_mixture
+
+    with engine.lock:
+        result = train_mixture(loaded.model, loaded.tokenizer, blocks, config, args.mixture,
+                               progress=lambda p: sys.stderr.write(_progress_line(p)))
+    sys.stderr.write("\n")
+    *zips, mixture_path = targets
+    name = args.name or mixture_path.stem
+    for i, (tensor, zip_path) in enumerate(zip(result.tensors, zips), 1):
+        meta = Metadata(name=f"{name} {i}", authors=tuple(args.author or ()),
+                        description=(args.description or f"Member {i} of the mixture '{name}'."))
+        export_softprompt(tensor, zip_path, meta, loaded.info.name)
+    mixture = Mixture(name, "bayes", tuple(MixtureMember(z.name, round(w, 6)) for z, w in zip(zips, result.weights)))
+    write_mixture(mixture_path, mixture)
+    print(f"wrote {', '.join(str(z) for z in zips)} and {mixture_path}")
+    if result.mixture_held_out_loss is not None:
+        members = ", ".join(f"{w:.0%} {loss:.4f}" for w, loss in zip(result.weights, result.held_out_losses))
+        print(f"held-out loss: mixture {result.mixture_held_out_loss:.4f}; members (weight, loss alone) {members}; "
+              f"no soft prompt {result.baseline_held_out_loss:.4f}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_softprompt_blend(args: argparse.Namespace) -> int:
+    from kobold_desktop.softprompt.blend import write_blend
+
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(args.softprompts)
+    except ValueError as exc:
+        raise UsageError(f"--weights {args.weights}: write numbers separated by commas, e.g. 0.5,0.5.") from exc
+    paths_ = [resolve_softprompt(s) for s in args.softprompts]
+    out = write_blend(paths_, weights, Path(args.out), _limits(args), args.name)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def cmd_softprompt_rank(args: argparse.Namespace) -> int:
+    from kobold_desktop.engine import Engine, LoadOptions
+    from kobold_desktop.softprompt.library import SoftPromptLibrary
+    from kobold_desktop.softprompt.mixture import Mixture, MixtureMember, write_mixture
+    from kobold_desktop.tuning import make_blocks, read_training_text
+    from kobold_desktop.tuning.mixture import rank_softprompts
+
+    if len(args.softprompts) < 1:
+        raise UsageError("give at least one soft prompt to rank.")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix.lower() != ".json":
+        raise UsageError("--out writes a mixture file; give it a name ending in .json.")
+    if out is not None and out.exists():
+        raise UsageError(f"--out {out} already exists; choose another name.")
+    if not 0 < args.held_out < 1:
+        raise UsageError("--held-out is a share between 0 and 1, e.g. 0.25.")
+    files = [resolve_softprompt(s) for s in args.softprompts]
+    text = read_training_text(args.data)
+    _quiet_transformers()
+    engine = Engine()
+    model = resolve_model(args.model)
+    print(f"Loading {model} ...", file=sys.stderr)
+    engine.load(model, LoadOptions(device=args.device, dtype=args.dtype))
+    prepared = [engine.prepare_softprompts([f]) for f in files]
+    loaded = engine.loaded
+    blocks = make_blocks(text, loaded.tokenizer, args.block_size, args.held_out, args.seed)
+    print(f"{blocks.train.shape[0]} blocks to fit the weights, {blocks.held_out.shape[0]} held out, "
+          f"{args.block_size} tokens each", file=sys.stderr)
+    with engine.lock:
+        ranking = rank_softprompts(loaded.model, blocks, [(p.name, f, p.tensor) for p, f in zip(prepared, files)],
+                                   progress=lambda done, what: sys.stderr.write(f"\r{what}: {done:.0%}   "))
+    sys.stderr.write("\n")
+    if out is not None:
+        mixture = Mixture(out.stem, args.mode, tuple(MixtureMember(s.path.name, round(s.weight, 6))
+                                                     for s in ranking.softprompts))
+        write_mixture(out, mixture)
+        folders = [out.resolve().parent] + [f.resolve() for f in SoftPromptLibrary().folders]
+        for s in ranking.softprompts:
+            if not any((folder / s.path.name).exists() for folder in folders):
+                print(f"warning: {s.path.name} is neither beside {out.name} nor in your soft prompt folder; "
+                      f"copy it there or the mixture cannot find it.", file=sys.stderr)
+    if args.json:
+        _print_json(ranking.to_dict())
+        return EXIT_OK
+    width = max(len(s.name) for s in ranking.softprompts) + 2
+    print(f"Held-out loss, nats per token (lower is better), on {blocks.held_out.shape[0]} blocks:")
+    for i, s in enumerate(ranking.softprompts, 1):
+        print(f"{i:3}. {s.name:<{width}} {s.loss:8.4f}   weight {s.weight:6.1%}")
+    print(f"     {'no soft prompt':<{width}} {ranking.none_loss:8.4f}")
+    print(f"     {'mixture (learned weights)':<{width}} {ranking.mixture_loss:8.4f}")
+    if out is not None:
+        print(f"wrote {out}")
     return EXIT_OK
 
 
@@ -340,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", metavar="M", help="model folder or Hugging Face id (default: the demo model)")
     g.add_argument("--softprompt", action="append", metavar="PATH",
                    help="a soft prompt zip, PEFT folder or library name (repeatable: concatenated)")
+    g.add_argument("--mixture", metavar="MIX.json", help="generate with a mixture file (a path or a library name)")
+    g.add_argument("--mix", action="append", metavar="SP=WEIGHT",
+                   help="a member of a mixture made here (repeatable), e.g. --mix Proverbs.zip=0.7")
+    g.add_argument("--mix-mode", choices=["bayes", "fixed"],
+                   help="bayes: the weights follow which soft prompt explains the text best (default); "
+                        "fixed: the same weights at every token")
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT", help="the prompt, used verbatim")
     source.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file, verbatim")
@@ -366,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, metavar="FILE.zip",
                    help="the soft prompt to write; a bare name goes into your soft prompt folder")
     t.add_argument("--peft-out", metavar="DIR", help="also write a PEFT prompt-tuning adapter folder")
+    t.add_argument("--mixture", type=int, metavar="K",
+                   help="train K soft prompts and their weights together (EM): writes OUT-1.zip ... OUT-K.zip "
+                        "and the mixture OUT.json")
     t.add_argument("--tokens", type=int, default=20, metavar="N", help="virtual tokens (default 20)")
     t.add_argument("--steps", type=int, default=200, metavar="N")
     t.add_argument("--lr", type=float, default=0.03, metavar="X", help="learning rate (default 0.03)")
@@ -442,6 +627,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH")
     common(p, dirs=True)
     p.set_defaults(func=cmd_softprompt_import)
+
+    p = sp_commands.add_parser("rank", help="score soft prompts on a text and learn a mixture's weights")
+    p.add_argument("softprompts", nargs="+", metavar="SP", help="soft prompts (paths or library names)")
+    p.add_argument("--model", metavar="M", help="model folder or Hugging Face id (default: the demo model)")
+    p.add_argument("--data", required=True, metavar="PATH", help="a .txt file, a folder of .txt files, or a story")
+    p.add_argument("--out", metavar="MIX.json", help="write the mixture with the learned weights")
+    p.add_argument("--mode", choices=["bayes", "fixed"], default="bayes", help="the written mixture's mode")
+    p.add_argument("--block-size", type=int, default=64, metavar="N", help="tokens per scored block (64)")
+    p.add_argument("--held-out", type=float, default=0.25, metavar="SHARE",
+                   help="share of blocks the losses are reported on; the rest fits the weights (0.25)")
+    p.add_argument("--seed", type=int, default=1234, metavar="S")
+    p.add_argument("--device", metavar="D")
+    p.add_argument("--dtype", metavar="T")
+    common(p, json_flag=True)
+    p.set_defaults(func=cmd_softprompt_rank)
+
+    p = sp_commands.add_parser("blend", help="average same-length soft prompts into a new one")
+    p.add_argument("softprompts", nargs="+", metavar="SP", help="soft prompts (paths or library names)")
+    p.add_argument("--weights", metavar="W,W,...", help="one weight each (default: equal)")
+    p.add_argument("--out", required=True, metavar="FILE.zip")
+    p.add_argument("--name", metavar="NAME", help="the new soft prompt's name (default: the file name)")
+    common(p)
+    p.set_defaults(func=cmd_softprompt_blend)
 
     p = sp_commands.add_parser(
         "convert", help="KoboldAI zip <-> PEFT folder; mkultra .json -> zip (DST .zip = zip)"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -31,6 +31,7 @@ from kobold_desktop.softprompt.io import (
     load_softprompt,
     metadata_of,
 )
+from kobold_desktop.softprompt.mixture import Mixture, is_mixture_file, read_mixture
 from kobold_desktop.softprompt.types import DEFAULT_LIMITS, Limits, SoftPrompt, SoftPromptFormat
 
 SELECTION_KEY = "softprompt.selected"
@@ -56,33 +57,71 @@ def safe_stem(name: str, fallback: str = "softprompt") -> str:
 
 @dataclass(frozen=True)
 class LibraryEntry:
-    """One file or folder in a library folder: a soft prompt, or why it is not one."""
+    """One file or folder in a library folder: a soft prompt, a mixture of soft prompts,
+    or why it is neither."""
 
     path: Path
     folder: Path
     writable: bool
     softprompt: SoftPrompt | None = None
     error: SoftPromptError | None = None
+    mixture: Mixture | None = None
+    members: tuple["LibraryEntry | None", ...] = ()  # a mixture's members as found (None: missing)
 
     @property
     def valid(self) -> bool:
-        return self.softprompt is not None
+        return self.softprompt is not None or self.mixture is not None
+
+    @property
+    def is_mixture(self) -> bool:
+        return self.mixture is not None
 
     @property
     def name(self) -> str:
+        if self.mixture is not None:
+            return self.mixture.name
         return self.softprompt.name if self.softprompt else self.path.name
+
+    @property
+    def member_paths(self) -> list[Path]:
+        """A mixture's member files (raises NotFoundError naming a missing one)."""
+        for member, found in zip(self.mixture.members, self.members):
+            if found is None:
+                raise NotFoundError(f"mixture '{self.mixture.name}': its member '{member.softprompt}' is missing "
+                                    "(put it beside the mixture file or in your soft prompt folder).", self.path)
+        return [entry.path for entry in self.members]
 
     @property
     def file_name(self) -> str:
         return self.path.name
 
     def compatibility(self, hidden_size: int | None, model_name: str | None = None) -> Compatibility:
+        if self.mixture is not None:
+            warnings: list[str] = []
+            for member, found in zip(self.mixture.members, self.members):
+                if found is None:
+                    return Compatibility(False, f"member '{member.softprompt}' is missing")
+                compat = found.compatibility(hidden_size, model_name)
+                if not compat.ok:
+                    return Compatibility(False, f"member '{member.softprompt}': {compat.reason}")
+                warnings += compat.warnings
+            return Compatibility(True, "", tuple(warnings))
         if self.softprompt is None:
             return Compatibility(False, self.error.reason if self.error else "unreadable")
         return check_compatibility(self.softprompt, hidden_size, model_name)
 
     def to_dict(self) -> dict:
-        data = self.softprompt.to_dict() if self.softprompt else {"name": self.name, "path": str(self.path), "file": self.file_name}
+        if self.mixture is not None:
+            data = {"name": self.name, "path": str(self.path), "file": self.file_name, "format": "mixture",
+                    "mode": self.mixture.mode,
+                    "members": [{"softprompt": m.softprompt, "weight": w, "found": found is not None}
+                                for m, w, found in zip(self.mixture.members, self.mixture.weights, self.members)],
+                    "n_tokens": max((f.softprompt.n_tokens for f in self.members if f and f.softprompt), default=0),
+                    "warnings": []}
+        elif self.softprompt:
+            data = self.softprompt.to_dict()
+        else:
+            data = {"name": self.name, "path": str(self.path), "file": self.file_name}
         data["writable"] = self.writable
         data["valid"] = self.valid
         if self.error is not None:
@@ -160,16 +199,33 @@ class SoftPromptLibrary:
                     fresh[path] = cached
                     continue
                 try:
-                    entry = LibraryEntry(path, folder, writable, describe_softprompt(path, self.limits))
+                    if is_mixture_file(path):
+                        entry = LibraryEntry(path, folder, writable, mixture=read_mixture(path))
+                    else:
+                        entry = LibraryEntry(path, folder, writable, describe_softprompt(path, self.limits))
                 except SoftPromptError as exc:
                     entry = LibraryEntry(path, folder, writable, error=exc)
                 fresh[path] = (stamp, entry)
         self._cache = fresh
-        self._entries = sorted(
-            (entry for _, entry in fresh.values()),
-            key=lambda e: (not e.writable, e.name.casefold(), e.file_name),
-        )
+        by_path = {path: entry for path, (_, entry) in fresh.items()}
+        entries = [self._with_members(entry, by_path) for entry in by_path.values()]
+        self._entries = sorted(entries, key=lambda e: (not e.writable, e.name.casefold(), e.file_name))
         return self.entries
+
+    def _with_members(self, entry: LibraryEntry, by_path: dict[Path, LibraryEntry]) -> LibraryEntry:
+        """A mixture's members, looked for beside it first, then in every library folder."""
+        if entry.mixture is None:
+            return entry
+        found = []
+        for member in entry.mixture.members:
+            match = None
+            for folder in [entry.path.parent, *self.folders]:
+                candidate = by_path.get(folder / member.softprompt)
+                if candidate is not None and candidate.softprompt is not None:
+                    match = candidate
+                    break
+            found.append(match)
+        return replace(entry, members=tuple(found))
 
     refresh = scan
 
@@ -220,6 +276,8 @@ class SoftPromptLibrary:
         KoboldAI zip (no pickles kept).
         """
         source = Path(source)
+        if is_mixture_file(source):
+            return self._import_mixture(source)
         softprompt, tensor = load_softprompt(source, self.limits)
         stem = source.stem if source.is_file() else source.name
         for _attempt in range(100):
@@ -242,6 +300,20 @@ class SoftPromptLibrary:
                     kobold_zip.write(dest, tensor, metadata_of(softprompt), overwrite=False)
             except FileExistsError:
                 continue  # another process took the name between our check and the write
+            return self._entry_for(dest)
+        raise DestinationExistsError("could not find a free file name.", source)
+
+    def _import_mixture(self, source: Path) -> LibraryEntry:
+        """A mixture file is checked and copied as it is (its members are found by name)."""
+        read_mixture(source)
+        for _attempt in range(100):
+            dest = self._unique_path(source.stem, ".json")
+            try:
+                with staged_file(dest) as tmp:
+                    shutil.copyfile(source, tmp)
+                    publish(tmp, dest, overwrite=False)
+            except FileExistsError:
+                continue
             return self._entry_for(dest)
         raise DestinationExistsError("could not find a free file name.", source)
 
