@@ -17,11 +17,13 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
-from kobold_desktop.engine import ActiveSoftPrompt, Engine, LoadOptions, SamplingSettings
+from kobold_desktop.engine import Engine, LoadOptions, SamplingSettings, make_request
+from kobold_desktop.engine.engine import Active
 from kobold_desktop.engine.sampling import SEED_LIMIT
-from kobold_desktop.engine.sequence import GenerationResult, Sequence as Row, eos_token_ids
+from kobold_desktop.engine.sequence import GenerationResult, eos_token_ids
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.prompt_adapter.request import PromptAdapterRequest
 
@@ -92,7 +94,7 @@ class LLM:
         self.enable_prompt_adapter = enable_prompt_adapter
         self.max_prompt_adapter_token = max_prompt_adapter_token
         self.max_prompt_adapters = max(1, max_prompt_adapters)
-        self._adapters: OrderedDict[int, tuple[PromptAdapterRequest, ActiveSoftPrompt]] = OrderedDict()
+        self._adapters: OrderedDict[int, tuple[PromptAdapterRequest, Active]] = OrderedDict()
         if seed is not None:  # as vLLM: the seed of the global generator, for requests without one
             import torch
 
@@ -101,7 +103,17 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.loaded.tokenizer
 
-    def _adapter(self, request: PromptAdapterRequest | None) -> ActiveSoftPrompt | None:
+    def _prepare(self, path: str) -> Active:
+        """A soft prompt, or a mixture file (members found beside it or in the library)."""
+        from kobold_desktop.softprompt.library import SoftPromptLibrary
+        from kobold_desktop.softprompt.mixture import is_mixture_file, read_mixture, resolve_members
+
+        if is_mixture_file(Path(path)):
+            mixture = read_mixture(path)
+            return self.engine.prepare_mixture(mixture, resolve_members(mixture, SoftPromptLibrary().folders))
+        return self.engine.prepare_softprompts([path])
+
+    def _adapter(self, request: PromptAdapterRequest | None) -> Active | None:
         if request is None:
             return None
         if not self.enable_prompt_adapter:
@@ -110,7 +122,7 @@ class LLM:
         if cached is not None and cached[0] == request:
             self._adapters.move_to_end(request.adapter_id)
             return cached[1]
-        softprompt = self.engine.prepare_softprompts([request.local_path])
+        softprompt = self._prepare(request.local_path)
         if self.max_prompt_adapter_token and softprompt.n_tokens > self.max_prompt_adapter_token:
             raise PromptAdapterError(
                 f"prompt adapter '{request.name}' has {softprompt.n_tokens} virtual tokens, more than "
@@ -142,8 +154,8 @@ class LLM:
                 # n samples must differ: each gets its own seed derived from the request's.
                 seed = None if param.seed is None else (param.seed + index) % SEED_LIMIT
                 results: list = []
-                row = Row(ids, adapter.tensor if adapter else None, param.settings(seed), results.append,
-                          tokenizer=loaded.tokenizer, eos=eos, softprompt_key=adapter.key if adapter else None)
+                row = make_request(adapter, ids, param.settings(seed), results.append, tokenizer=loaded.tokenizer,
+                                   eos=eos)
                 rows.append((output, index, row, results))
         self.engine.run([row for _, _, row, _ in rows])
         for output, index, _, results in rows:

@@ -110,3 +110,28 @@ def test_adapters_that_cannot_be_used_are_refused_clearly(model_dirs, adapter):
     with pytest.raises(PromptAdapterError, match="not the 3 its request says"):
         short.max_prompt_adapter_token = 0
         short.generate("x", SamplingParams(), prompt_adapter_request=PromptAdapterRequest("t", 2, str(adapter), 3))
+
+
+def test_a_mixture_file_is_a_prompt_adapter(model_dirs, adapter, tmp_path):
+    """A mixture file as `prompt_adapter_local_path`: the PEFT adapter and a KoboldAI zip,
+    mixed; the output equals the engine's for the same mixture."""
+    from kobold_desktop import LLM, SamplingParams
+    from kobold_desktop.prompt_adapter.request import PromptAdapterRequest
+    from kobold_desktop.softprompt import Metadata, kobold_zip
+    from kobold_desktop.softprompt.mixture import Mixture, MixtureMember, read_mixture, write_mixture
+    import shutil
+
+    shutil.copytree(adapter, tmp_path / "tweet_adapter")
+    torch.manual_seed(2)
+    kobold_zip.write(tmp_path / "z.zip", torch.randn(3, 32), Metadata(name="z"))
+    write_mixture(tmp_path / "mix.json", Mixture("m", "bayes", (MixtureMember("tweet_adapter", 2),
+                                                                MixtureMember("z.zip", 1))))
+    llm = LLM(model=str(model_dirs["llama"]), enable_prompt_adapter=True, dtype="float32")
+    out = llm.generate(["The knight"], SamplingParams(temperature=0, max_tokens=10),
+                       prompt_adapter_request=PromptAdapterRequest("mix", 1, str(tmp_path / "mix.json")))
+    engine = Engine()
+    engine.load(model_dirs["llama"], FLOAT32)
+    active = engine.prepare_mixture(read_mixture(tmp_path / "mix.json"), [tmp_path / "tweet_adapter", tmp_path / "z.zip"])
+    expected = engine.generate("The knight", SamplingSettings(temperature=0, max_new_tokens=10, repetition_penalty=1.0),
+                               softprompt=active)
+    assert out[0].outputs[0].token_ids == list(expected.token_ids)

@@ -2,7 +2,7 @@
 
 A request is checked when it is submitted (an impossible one is refused at once, in the
 caller's thread) and joins the running batch at the next step, whatever soft prompt it
-uses; a finished one leaves at once and its client hears at once (vLLM's scheduler does
+uses (a mixture joins as one row per member); a finished one leaves at once and its client hears at once (vLLM's scheduler does
 the same). The engine's lock is held for one step at a time, so the window's own
 generation and the server take turns on the model token by token.
 """
@@ -15,9 +15,10 @@ import traceback
 from collections import deque
 from typing import Iterator, Sequence as Seq
 
-from kobold_desktop.engine import ActiveSoftPrompt, Engine, ModelError, SamplingSettings
+from kobold_desktop.engine import Engine, ModelError, SamplingSettings, make_request
 from kobold_desktop.engine.core import StepCore
-from kobold_desktop.engine.sequence import GenerationResult, Sequence, StreamEvent, eos_token_ids
+from kobold_desktop.engine.engine import Active
+from kobold_desktop.engine.sequence import GenerationResult, Request, StreamEvent, eos_token_ids
 
 _DONE = object()
 
@@ -57,18 +58,17 @@ class BatchScheduler:
         self.engine = engine
         self.max_batch = max_batch
         self.batch_sizes: list[int] = []  # rows in each step, for tests and benchmarks
-        self._queue: queue.Queue[Sequence | None] = queue.Queue()
+        self._queue: queue.Queue[Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="server-batches", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt_ids: Seq[int], softprompt: ActiveSoftPrompt | None,
+    def submit(self, prompt_ids: Seq[int], softprompt: Active | None,
                settings: SamplingSettings) -> RequestStream:
         """Queue a request; raises `ModelError` at once for one that cannot run."""
         stream = RequestStream(threading.Event())
         loaded = self.engine.loaded
-        seq = Sequence(prompt_ids, softprompt.tensor if softprompt else None, settings, stream.put, stream.cancel,
-                       tokenizer=loaded.tokenizer, eos=eos_token_ids(loaded.model, loaded.tokenizer),
-                       softprompt_key=softprompt.key if softprompt else None)
+        seq = make_request(softprompt, prompt_ids, settings, stream.put, stream.cancel, tokenizer=loaded.tokenizer,
+                           eos=eos_token_ids(loaded.model, loaded.tokenizer))
         self._queue.put(seq)
         return stream
 
@@ -77,7 +77,7 @@ class BatchScheduler:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        waiting: deque[Sequence] = deque()
+        waiting: deque[Request] = deque()
         core, loaded = None, None
         stopping = False
         while not stopping:
@@ -105,7 +105,8 @@ class BatchScheduler:
                             continue
                         loaded = self.engine.loaded
                         core = StepCore(loaded.model, self.engine.prefix_cache)
-                    while waiting and len(core.rows) < self.max_batch and core.can_join:
+                    while waiting and core.can_join and (
+                            not core.rows or len(core.rows) + len(waiting[0].rows) <= self.max_batch):
                         seq = waiting.popleft()
                         try:
                             core.add(seq)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from kobold_desktop import __version__, paths
-from kobold_desktop.engine import ActiveSoftPrompt, Engine, SamplingSettings, SettingsError
+from kobold_desktop.engine import ActiveMixture, Engine, SamplingSettings, SettingsError
+from kobold_desktop.engine.engine import Active
 from kobold_desktop.engine.sampling import SEED_LIMIT
 from kobold_desktop.engine.sequence import GenerationResult, TextChunk
 from kobold_desktop.errors import KoboldError
@@ -45,7 +46,7 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class Adapter:
     name: str
-    softprompt: ActiveSoftPrompt
+    softprompt: Active  # a soft prompt, or a mixture of them
     source: str
 
 
@@ -129,13 +130,24 @@ class Service:
         return resolved in {p.resolve() for p in self.start_paths} or any(
             resolved.is_relative_to(folder.resolve()) for folder in folders)
 
+    def _prepare(self, path: Path) -> Active:
+        """A soft prompt file, or a mixture file (its members are found by file name beside
+        it or in the library, never by a path, so the folder rule above still holds)."""
+        from kobold_desktop.softprompt.library import SoftPromptLibrary
+        from kobold_desktop.softprompt.mixture import is_mixture_file, read_mixture, resolve_members
+
+        if is_mixture_file(path):
+            mixture = read_mixture(path)
+            return self.engine.prepare_mixture(mixture, resolve_members(mixture, SoftPromptLibrary().folders))
+        return self.engine.prepare_softprompts([path])
+
     def add_adapter(self, name: str, source: str, trusted: bool = False) -> Adapter:
         if not self.config.enable_prompt_adapter:
             raise ApiError(400, "soft prompts (prompt adapters) are disabled on this server.")
         if not name or name == self.model_id:
             raise ApiError(422, "a soft prompt needs a name other than the base model's.", param="name")
         try:
-            softprompt = self.engine.prepare_softprompts([self._resolve(source, trusted)])
+            softprompt = self._prepare(self._resolve(source, trusted))
         except ApiError:
             raise
         except KoboldError as exc:
@@ -151,7 +163,7 @@ class Service:
             self.adapters[name] = adapter
         return adapter
 
-    def _model(self, name: str | None) -> ActiveSoftPrompt | None:
+    def _model(self, name: str | None) -> Active | None:
         if not name or name == self.model_id:
             return None
         with self._lock:
@@ -169,8 +181,15 @@ class Service:
         return {"object": "list", "data": [base] + [
             {"id": a.name, "object": "model", "created": created, "owned_by": "kobold-desktop",
              "root": self.model_id, "parent": self.model_id, "max_model_len": self.engine.context_length,
-             "softprompt_tokens": a.softprompt.n_tokens}
+             "softprompt_tokens": a.softprompt.n_tokens, **self._mixture_info(a.softprompt)}
             for a in adapters]}
+
+    @staticmethod
+    def _mixture_info(softprompt: Active) -> dict[str, Any]:
+        if not isinstance(softprompt, ActiveMixture):
+            return {}
+        return {"mixture": {"mode": softprompt.mode, "members": [
+            {"name": name, "weight": weight} for name, weight in zip(softprompt.member_names, softprompt.weights)]}}
 
     def load_softprompt(self, body: p.LoadSoftPromptRequest, trusted: bool) -> dict[str, Any]:
         adapter = self.add_adapter(body.name, body.path, trusted)
@@ -197,7 +216,7 @@ class Service:
             return [list(prompt)]
         raise ApiError(422, "'prompt' must be a string, a list of strings, or a list of token ids.", param="prompt")
 
-    def _check_length(self, ids: list[int], softprompt: ActiveSoftPrompt | None, max_tokens: int) -> None:
+    def _check_length(self, ids: list[int], softprompt: Active | None, max_tokens: int) -> None:
         context = self.engine.context_length
         n_soft = softprompt.n_tokens if softprompt else 0
         if len(ids) + n_soft + max_tokens > context:
