@@ -43,6 +43,7 @@ from kobold_desktop.qt._qt import (
 )
 from kobold_desktop.qt.editors import MemoryEditor, SamplerPanel, WorldInfoEditor
 from kobold_desktop.qt.model_dialog import ModelDialog
+from kobold_desktop.qt.mixture_dialogs import LearnWeightsDialog, MixtureDialog
 from kobold_desktop.qt.softprompt_panel import SoftPromptPanel, StatusLight
 from kobold_desktop.qt.story_view import StoryView
 from kobold_desktop.qt.tune_dialog import TuneDialog, TuneRequest
@@ -101,6 +102,7 @@ class MainWindow(QMainWindow):
     request_softprompt = Signal(object)
     request_generate = Signal(object, object, int)
     request_tune = Signal(object)
+    request_rank = Signal(object)
     ready = Signal()  # nothing is loading any more (start-up is over)
 
     def __init__(self, worker: ModelWorker, library: SoftPromptLibrary, settings: Settings):
@@ -119,6 +121,8 @@ class MainWindow(QMainWindow):
         self.last_result: GenerationResult | None = None
         self.notices: list[tuple[str, str]] = []
         self.tune_dialog: TuneDialog | None = None
+        self.learn_dialog: LearnWeightsDialog | None = None
+        worker.library_folders = list(library.folders)
         self.server = None  # a KoboldServer while the local API is running
         self._boxes: list[QMessageBox] = []
         self._session_open = False  # start_session() sets it; then autosaves record what is open
@@ -262,6 +266,12 @@ class MainWindow(QMainWindow):
         self.request_softprompt.connect(w.set_softprompt)
         self.request_generate.connect(w.generate)
         self.request_tune.connect(w.tune)
+        self.request_rank.connect(w.rank)
+        w.rank_progress.connect(self.on_rank_progress)
+        w.ranked.connect(self.on_ranked)
+        w.mixture_weights.connect(self.softprompt_panel.show_live_weights)
+        self.softprompt_panel.new_mixture_requested.connect(self.new_mixture_dialog)
+        self.softprompt_panel.learn_weights_requested.connect(self.show_learn_dialog)
         w.tune_progress.connect(self.on_tune_progress)
         w.tuned.connect(self.on_tuned)
         w.started.connect(self.on_started)
@@ -491,6 +501,8 @@ class MainWindow(QMainWindow):
         self.progress.hide()
         if job == "tune" and self.tune_dialog is not None:
             self.tune_dialog.set_running(False)
+        if job == "rank" and self.learn_dialog is not None:
+            self.learn_dialog.set_running(False)
         if job == "generate":
             self._flush_timer.stop()
             self.flush_text()
@@ -595,6 +607,16 @@ class MainWindow(QMainWindow):
         if path is None:
             message = (f"Cancelled at step {result.steps_done}. Start again with the same settings to go on "
                        "from there.")
+        elif path.suffix == ".json":  # a mixture: its members and the mixture file
+            losses = ""
+            if result.mixture_held_out_loss is not None:
+                losses = (f" Held-out loss {result.mixture_held_out_loss:.3f} with the mixture, "
+                          f"{result.baseline_held_out_loss:.3f} without a soft prompt.")
+            message = (f"Created the mixture {path.name} of {len(result.tensors)} soft prompts (weights "
+                       f"{', '.join(f'{w:.0%}' for w in result.weights)}); it is selected, ready to Load.{losses}")
+            self.softprompt_panel.refresh()
+            self.softprompt_panel.select(path)
+            self.tabs.setCurrentWidget(self.softprompt_panel)
         else:
             change = ""
             if result.held_out_loss is not None and result.baseline_held_out_loss:
@@ -607,6 +629,66 @@ class MainWindow(QMainWindow):
         if self.tune_dialog is not None:
             self.tune_dialog.finish(message)
         self.statusBar().showMessage(message, 10000)
+
+    # -- mixtures ---------------------------------------------------------------------------------
+
+    def new_mixture_dialog(self) -> MixtureDialog | None:
+        entries = self.softprompt_panel.softprompt_entries()
+        if not entries:
+            self.notify("No soft prompts", "A mixture is made of soft prompts that fit the loaded model; "
+                                           "add some first.", error=True)
+            return None
+        dialog = MixtureDialog(entries, self)
+        dialog.accepted.connect(lambda: self.save_mixture(dialog.mixture()))
+        dialog.open()
+        return dialog
+
+    def save_mixture(self, mixture) -> Path | None:
+        """Write a mixture into the user's soft prompt folder (a new name, never over a file)."""
+        from kobold_desktop.softprompt.mixture import write_mixture
+
+        try:
+            path = write_mixture(self.library.free_path(mixture.name, ".json"), mixture)
+        except KoboldError as exc:
+            self.notify("Mixture not saved", str(exc), error=True)
+            return None
+        self.softprompt_panel.refresh()
+        self.softprompt_panel.select(path)
+        self.tabs.setCurrentWidget(self.softprompt_panel)
+        self.statusBar().showMessage(f"Saved the mixture {path.name}; Load it to write with it.", 10000)
+        return path
+
+    def show_learn_dialog(self) -> LearnWeightsDialog | None:
+        entries = self.softprompt_panel.softprompt_entries()
+        if self.model_status is None or not entries:
+            self.notify("Learn weights", "Load a model and add soft prompts that fit it first.", error=True)
+            return None
+        self.sync_story()
+        if self.learn_dialog is not None:
+            self.learn_dialog.close()
+        self.learn_dialog = LearnWeightsDialog(entries, self.story.text, self)
+        self.learn_dialog.start_requested.connect(self.start_ranking)
+        self.learn_dialog.cancel_requested.connect(self.stop)
+        self.learn_dialog.save_requested.connect(self.save_mixture)
+        self.learn_dialog.show()
+        return self.learn_dialog
+
+    def start_ranking(self, request) -> None:
+        if self.model_status is None or self.busy_job is not None:
+            self.learn_dialog.finish("Load a model first." if self.model_status is None else "Wait until the model is free.")
+            return
+        self.worker.cancel_event.clear()
+        self.busy_job = "rank"
+        self.update_actions()
+        self.request_rank.emit(request)
+
+    def on_rank_progress(self, fraction: float, what: str) -> None:
+        if self.learn_dialog is not None:
+            self.learn_dialog.show_progress(fraction, what)
+
+    def on_ranked(self, ranking) -> None:
+        if self.learn_dialog is not None:
+            self.learn_dialog.show_ranking(ranking)
 
     def import_softprompt_dialog(self) -> None:
         files, _ = QFileDialog.getOpenFileNames(self, "Import soft prompts", "",
@@ -628,7 +710,8 @@ class MainWindow(QMainWindow):
         if imported:
             self.softprompt_panel.select(imported[-1].path)
             self.tabs.setCurrentWidget(self.softprompt_panel)
-        lines = [f"Added {e.name} ({e.softprompt.n_tokens} tokens) as {e.file_name}" for e in imported]
+        lines = [f"Added {e.name} ({'a mixture' if e.is_mixture else f'{e.softprompt.n_tokens} tokens'}) as "
+                 f"{e.file_name}" for e in imported]
         lines += [f"Refused {reason}" for reason in refused]
         if lines:
             self.notify("Soft prompts", "\n".join(lines), error=bool(refused))

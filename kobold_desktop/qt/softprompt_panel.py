@@ -52,6 +52,9 @@ class StatusLight(QWidget):
         if status is None:
             text = "No soft prompt active"
             self._dot.color = GREY
+        elif status.is_mixture:
+            text = f"{status.name} ({status.mode}, {status.n_tokens} tokens)"
+            self._dot.color = GREEN
         else:
             text = f"Active soft prompt ({status.n_tokens} tokens): {status.name}"
             self._dot.color = GREEN
@@ -76,6 +79,8 @@ class _Dot(QWidget):
 
 class SoftPromptPanel(QWidget):
     load_requested = Signal(object)  # a Path, or None to unload
+    new_mixture_requested = Signal()
+    learn_weights_requested = Signal()
 
     def __init__(self, library: SoftPromptLibrary, parent=None):
         super().__init__(parent)
@@ -83,6 +88,7 @@ class SoftPromptPanel(QWidget):
         self.hidden_size: int | None = None
         self.model_name: str | None = None
         self.active_paths: tuple[Path, ...] = ()
+        self.light_status: SoftPromptStatus | None = None
 
         self.light = StatusLight(self)
         self.list = QListWidget(self)
@@ -92,6 +98,16 @@ class SoftPromptPanel(QWidget):
         self.details = QLabel(self)
         self.details.setWordWrap(True)
         self.details.setTextFormat(Qt.PlainText)
+        self.live_weights = QLabel(self)  # a bayes mixture's member weights while text streams
+        self.live_weights.setWordWrap(True)
+        self.live_weights.setAccessibleName("Current mixture weights")
+        self.live_weights.hide()
+        self.mixture_button = QPushButton("New mixture…", self)
+        self.learn_button = QPushButton("Learn weights…", self)
+        self.mixture_button.setToolTip("Tick soft prompts and set their weights: they write together")
+        self.learn_button.setToolTip("Learn weights from a text or from this story")
+        self.mixture_button.clicked.connect(self.new_mixture_requested)
+        self.learn_button.clicked.connect(self.learn_weights_requested)
         self.load_button = QPushButton("Load", self)
         self.unload_button = QPushButton("Unload", self)
         self.refresh_button = QPushButton("Refresh", self)
@@ -103,7 +119,12 @@ class SoftPromptPanel(QWidget):
         layout.addWidget(self.light)
         layout.addWidget(self.list, 1)
         layout.addWidget(self.details)
+        layout.addWidget(self.live_weights)
         layout.addLayout(buttons)
+        mixture_buttons = QHBoxLayout()
+        mixture_buttons.addWidget(self.mixture_button)
+        mixture_buttons.addWidget(self.learn_button)
+        layout.addLayout(mixture_buttons)
 
         self.list.currentItemChanged.connect(lambda *_: self._update_details())
         self.list.itemDoubleClicked.connect(lambda *_: self.request_load())
@@ -152,9 +173,21 @@ class SoftPromptPanel(QWidget):
             self.list.setCurrentRow(0)
         self._update_details()
 
+    def softprompt_entries(self) -> list[LibraryEntry]:
+        """The soft prompts (not mixtures) that fit the loaded model: what a mixture can use."""
+        return [e for e in self.library.entries if e.softprompt is not None and self.fits(e)[0]]
+
     def _item(self, entry: LibraryEntry) -> QListWidgetItem:
         sp = entry.softprompt
-        if sp is None:
+        if entry.is_mixture:
+            item = QListWidgetItem(f"{entry.name} (mixture, {entry.mixture.mode})\n"
+                                   f"{entry.mixture.label.removeprefix('Mixture: ')}")
+            compat = entry.compatibility(self.hidden_size, self.model_name)
+            if not compat.ok:
+                item.setForeground(QBrush(GREY))
+                item.setText(item.text() + f"\ncannot be used: {compat.reason}")
+            item.setToolTip("\n".join(list(compat.warnings) + ([compat.reason] if not compat.ok else [])))
+        elif sp is None:
             item = QListWidgetItem(f"{entry.file_name}\nunreadable: {entry.error.reason if entry.error else ''}")
             item.setForeground(QBrush(GREY))
         else:
@@ -180,6 +213,17 @@ class SoftPromptPanel(QWidget):
         entry = self.selected_entry()
         if entry is None:
             self.details.setText("No soft prompt: the model writes on its own.")
+        elif entry.is_mixture:
+            mode = {"bayes": "the soft prompt that explains the story best leads",
+                    "fixed": "the same weights at every word"}[entry.mixture.mode]
+            lines = [f"{entry.name}: a mixture ({entry.mixture.mode}: {mode})"]
+            for member, weight, found in zip(entry.mixture.members, entry.mixture.weights, entry.members):
+                where = f"{found.softprompt.n_tokens} tokens" if found else "MISSING"
+                lines.append(f"  {weight:.0%}  {found.name if found else member.softprompt} ({where})")
+            ok, reason = self.fits(entry)
+            if not ok:
+                lines.append(f"Cannot be used: {reason}.")
+            self.details.setText("\n".join(lines))
         elif entry.softprompt is None:
             self.details.setText(f"{entry.file_name} cannot be used: {entry.error.reason if entry.error else ''}")
         else:
@@ -214,8 +258,19 @@ class SoftPromptPanel(QWidget):
         self.hidden_size, self.model_name = hidden_size, model_name
         self.refresh()
 
+    def show_live_weights(self, weights) -> None:
+        """A bayes mixture's member weights now (while its text streams)."""
+        status = self.light_status
+        if status is None or not status.is_mixture or len(weights) != len(status.members):
+            return
+        self.live_weights.setText("Weights now: " + " · ".join(
+            f"{name} {weight:.0%}" for name, weight in zip(status.members, weights)))
+        self.live_weights.show()
+
     def set_active(self, status: SoftPromptStatus | None) -> None:
         """Called only when the engine has really switched."""
+        self.light_status = status
+        self.live_weights.hide()
         self.active_paths = status.paths if status else ()
         self.light.set_status(status)
         self._mark_active()
@@ -227,7 +282,8 @@ class SoftPromptPanel(QWidget):
         for row in range(self.list.count()):
             item = self.list.item(row)
             entry = item.data(ENTRY_ROLE)
-            active = entry.path in self.active_paths if entry is not None else not self.active_paths
+            marked = self.active_paths[:1] if self.light_status and self.light_status.is_mixture else self.active_paths
+            active = entry.path in marked if entry is not None else not self.active_paths
             font = item.font()
             font.setBold(active)
             item.setFont(font)

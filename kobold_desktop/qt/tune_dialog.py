@@ -35,6 +35,7 @@ class TuneRequest:
     files: tuple[Path, ...]
     config: TuningConfig
     meta: Metadata
+    mixture: int = 1  # 2 or more: train that many soft prompts together as a mixture
 
 
 class LossPlot(QWidget):
@@ -120,6 +121,14 @@ class TuneDialog(QDialog):
         self.lr = QDoubleSpinBox(self, minimum=0.0001, maximum=10.0, decimals=4, singleStep=0.01, value=0.03)
         self.init_text = QLineEdit(self)
         self.init_text.setPlaceholderText("optional: start from this text (e.g. a few words of the style)")
+        self.members = QSpinBox(self, minimum=1, maximum=8, value=1)
+        self.members.setSpecialValueText("1 (a single soft prompt)")
+        self.members.setToolTip("2 or more: train that many soft prompts and their weights together (a mixture); "
+                                "each one specialises on the part of your writing it explains best.")
+        for widget, name in ((self.name, "Name"), (self.author, "Author"), (self.description, "Description"),
+                             (self.tokens, "Tokens"), (self.steps, "Steps"), (self.lr, "Learning rate"),
+                             (self.init_text, "Start from text"), (self.members, "Soft prompts in a mixture")):
+            widget.setAccessibleName(name)
         form = QFormLayout()
         form.addRow("Name", self.name)
         form.addRow("Author", self.author)
@@ -128,6 +137,7 @@ class TuneDialog(QDialog):
         form.addRow("Steps", self.steps)
         form.addRow("Learning rate", self.lr)
         form.addRow("Start from text", self.init_text)
+        form.addRow("Soft prompts", self.members)
         self.plot = LossPlot(self)
         self.progress = QProgressBar(self, minimum=0, maximum=100)
         self.status = QLabel("Choose your writing (.txt files, a folder, or a story), then Start.", self)
@@ -178,7 +188,8 @@ class TuneDialog(QDialog):
                               init="text" if init_text else "vocab", init_text=init_text)
         name = self.name.text().strip() or files[0].stem
         authors = (self.author.text().strip(),) if self.author.text().strip() else ()
-        return TuneRequest(files, config, Metadata(name=name, authors=authors, description=self.description.text()))
+        return TuneRequest(files, config, Metadata(name=name, authors=authors, description=self.description.text()),
+                           self.members.value())
 
     def start(self) -> None:
         try:

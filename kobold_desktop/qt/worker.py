@@ -13,10 +13,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from kobold_desktop.engine import Engine, LoadOptions, SamplingSettings
+from kobold_desktop.engine import ActiveMixture, Engine, LoadOptions, SamplingSettings
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.engine.generate import GenerationResult
 from kobold_desktop.qt._qt import QObject, Signal, Slot
+from kobold_desktop.softprompt.mixture import is_mixture_file, read_mixture, resolve_members
 from kobold_desktop.story import Story, build_context
 
 
@@ -34,8 +35,24 @@ class ModelStatus:
 class SoftPromptStatus:
     name: str
     n_tokens: int
-    paths: tuple[Path, ...]
+    paths: tuple[Path, ...]  # a mixture's file first, then its members'
     warnings: tuple[str, ...]
+    members: tuple[str, ...] = ()  # a mixture's member names
+    weights: tuple[float, ...] = ()  # and their weights
+    mode: str | None = None  # "bayes" or "fixed" for a mixture
+
+    @property
+    def is_mixture(self) -> bool:
+        return self.mode is not None
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    softprompts: tuple[Path, ...]
+    files: tuple[Path, ...] = ()  # text files to learn from
+    text: str = ""  # or this text (the story)
+    block_len: int = 64
+    held_out_share: float = 0.25
 
 
 class ModelWorker(QObject):
@@ -47,7 +64,10 @@ class ModelWorker(QObject):
     generated = Signal(object)  # GenerationResult that ended by length or stop
     cancelled = Signal(object)  # GenerationResult that the user stopped
     tune_progress = Signal(object)  # TuningProgress
-    tuned = Signal(object, object)  # (Path of the new zip, or None when cancelled; TuningResult)
+    tuned = Signal(object, object)  # (Path of the new zip or mixture, or None when cancelled; the result)
+    mixture_weights = Signal(object)  # a bayes mixture's member weights while text streams
+    rank_progress = Signal(float, str)
+    ranked = Signal(object)  # tuning.mixture.Ranking
     errored = Signal(str)  # a message for the user
     finished = Signal(str)  # the job, always last
 
@@ -55,11 +75,15 @@ class ModelWorker(QObject):
         super().__init__()
         self.engine = engine or Engine()
         self.cancel_event = threading.Event()
+        self.library_folders: list[Path] = []  # where a mixture's members are looked for (after its own folder)
 
     def _softprompt_status(self) -> SoftPromptStatus | None:
         active = self.engine.softprompt
         if active is None:
             return None
+        if isinstance(active, ActiveMixture):
+            return SoftPromptStatus(active.name, active.n_tokens, (active.mixture.path, *active.paths), active.warnings,
+                                    active.member_names, active.weights, active.mode)
         return SoftPromptStatus(active.name, active.n_tokens, tuple(s.path for s in active.sources), active.warnings)
 
     def _run(self, job: str, work) -> None:
@@ -95,7 +119,11 @@ class ModelWorker(QObject):
     @Slot(object)
     def set_softprompt(self, path: Path | None) -> None:
         def work():
-            self.engine.set_softprompt(path)
+            if path is not None and is_mixture_file(Path(path)):
+                mixture = read_mixture(path)
+                self.engine.set_mixture(mixture, resolve_members(mixture, self.library_folders))
+            else:
+                self.engine.set_softprompt(path)
             self.softprompt_changed.emit(self._softprompt_status())
 
         self._run("softprompt", work)
@@ -111,6 +139,8 @@ class ModelWorker(QObject):
                     result = event
                 else:
                     self.chunk.emit(event.text)
+                    if event.weights is not None:
+                        self.mixture_weights.emit(event.weights)
             if result is not None:
                 (self.cancelled if result.finish_reason == "cancelled" else self.generated).emit(result)
 
@@ -130,6 +160,9 @@ class ModelWorker(QObject):
             config = request.config
             blocks = make_blocks(text, loaded.tokenizer, config.block_len, config.held_out_share, config.seed)
             stem = safe_stem(request.meta.name or "softprompt")
+            if request.mixture >= 2:
+                self._tune_mixture(request, blocks, stem)
+                return
             checkpoint = paths.user_cache_dir() / "tuning" / f"{stem}.ckpt"
             with self.engine.lock:
                 result = train_softprompt(loaded.model, loaded.tokenizer, blocks, config,
@@ -148,3 +181,53 @@ class ModelWorker(QObject):
             self.tuned.emit(path, result)
 
         self._run("tune", work)
+
+    def _tune_mixture(self, request, blocks, stem: str) -> None:
+        """K soft prompts and their weights, trained together; K zips and a mixture file."""
+        from kobold_desktop import paths
+        from kobold_desktop.softprompt import Metadata
+        from kobold_desktop.softprompt.mixture import Mixture, MixtureMember, write_mixture
+        from kobold_desktop.tuning.export import export_softprompt
+        from kobold_desktop.tuning.mixture import train_mixture
+
+        loaded = self.engine.loaded
+        with self.engine.lock:
+            result = train_mixture(loaded.model, loaded.tokenizer, blocks, request.config, request.mixture,
+                                   progress=self.tune_progress.emit, cancel=self.cancel_event)
+        if result.cancelled:
+            self.tuned.emit(None, result)
+            return
+        folder, counter, base = paths.user_softprompt_dir(), 2, stem
+        while any((folder / name).exists() for name in
+                  [f"{base}.json"] + [f"{base}-{i}.zip" for i in range(1, request.mixture + 1)]):
+            base, counter = f"{stem} ({counter})", counter + 1
+        name = request.meta.name or stem
+        zips = []
+        for i, tensor in enumerate(result.tensors, 1):
+            meta = Metadata(name=f"{name} {i}", authors=request.meta.authors,
+                            description=request.meta.description or f"Member {i} of the mixture '{name}'.")
+            zips.append(export_softprompt(tensor, folder / f"{base}-{i}.zip", meta, loaded.info.name))
+        mixture = Mixture(name, "bayes", tuple(MixtureMember(z.name, round(w, 6)) for z, w in zip(zips, result.weights)))
+        self.tuned.emit(write_mixture(folder / f"{base}.json", mixture), result)
+
+    @Slot(object)
+    def rank(self, request: RankRequest) -> None:
+        """Score soft prompts on a text and learn a mixture's weights (`softprompt rank`)."""
+        from kobold_desktop.tuning import make_blocks, read_training_text
+        from kobold_desktop.tuning.mixture import rank_softprompts
+
+        def work():
+            loaded = self.engine.loaded
+            text = request.text or "\n\n".join(read_training_text(path) for path in request.files)
+            prepared = [self.engine.prepare_softprompts([path]) for path in request.softprompts]
+            blocks = make_blocks(text, loaded.tokenizer, request.block_len, request.held_out_share, 1234)
+            with self.engine.lock:
+                try:
+                    ranking = rank_softprompts(loaded.model, blocks,
+                                               [(p.name, f, p.tensor) for p, f in zip(prepared, request.softprompts)],
+                                               progress=self.rank_progress.emit, cancel=self.cancel_event)
+                except InterruptedError:
+                    return
+            self.ranked.emit(ranking)
+
+        self._run("rank", work)

@@ -261,6 +261,10 @@ class SoftPromptLibrary:
             counter += 1
         return candidate
 
+    def free_path(self, name: str, suffix: str) -> Path:
+        """A path in the user's folder for a new file: a safe name that is not taken."""
+        return self._unique_path(name, suffix)
+
     def _entry_for(self, path: Path) -> LibraryEntry:
         self.scan()
         for entry in self._entries:
