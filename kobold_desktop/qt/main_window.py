@@ -928,7 +928,7 @@ class MainWindow(QMainWindow):
         adapters: dict[str, str] = {}
         for entry in self.library.refresh():
             fits = entry.compatibility(self.model_status.hidden_size).ok
-            if fits and entry.softprompt.n_tokens <= config.max_prompt_adapter_token:
+            if fits and entry.n_tokens <= config.max_prompt_adapter_token:
                 name, counter = entry.name, 2
                 while name in adapters or name == self.model_status.name:
                     name, counter = f"{entry.name} ({counter})", counter + 1

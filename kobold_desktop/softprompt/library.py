@@ -83,13 +83,11 @@ class LibraryEntry:
         return self.softprompt.name if self.softprompt else self.path.name
 
     @property
-    def member_paths(self) -> list[Path]:
-        """A mixture's member files (raises NotFoundError naming a missing one)."""
-        for member, found in zip(self.mixture.members, self.members):
-            if found is None:
-                raise NotFoundError(f"mixture '{self.mixture.name}': its member '{member.softprompt}' is missing "
-                                    "(put it beside the mixture file or in your soft prompt folder).", self.path)
-        return [entry.path for entry in self.members]
+    def n_tokens(self) -> int:
+        """Soft prompt rows (a mixture's longest member's); 0 when unreadable."""
+        if self.mixture is not None:
+            return max((m.softprompt.n_tokens for m in self.members if m is not None), default=0)
+        return self.softprompt.n_tokens if self.softprompt else 0
 
     @property
     def file_name(self) -> str:
@@ -116,7 +114,7 @@ class LibraryEntry:
                     "mode": self.mixture.mode,
                     "members": [{"softprompt": m.softprompt, "weight": w, "found": found is not None}
                                 for m, w, found in zip(self.mixture.members, self.mixture.weights, self.members)],
-                    "n_tokens": max((f.softprompt.n_tokens for f in self.members if f and f.softprompt), default=0),
+                    "n_tokens": self.n_tokens,
                     "warnings": []}
         elif self.softprompt:
             data = self.softprompt.to_dict()

@@ -119,3 +119,19 @@ def test_create_dialog_trains_a_mixture(qtbot, tune_model_dir, tmp_path):
     assert [m.softprompt for m in mixture.members] == ["styles-1.zip", "styles-2.zip"]
     assert "Created the mixture styles.json of 2 soft prompts" in dialog.status.text()
     assert window.softprompt_panel.selected_entry().file_name == "styles.json"
+
+
+def test_server_menu_serves_a_mixture_as_a_model(qtbot, window):
+    add_softprompts()
+    write_mixture(user_softprompt_dir() / "Scripture.json",
+                  Mixture("Scripture", "bayes", (MixtureMember("Proverbs.zip", 0.7), MixtureMember("Leviticus.zip", 0.3))))
+    from .test_server_menu import call
+
+    url = window.start_server(port=0)
+    try:
+        status, models = call(url, "GET", "/v1/models")
+        assert "Scripture" in [m["id"] for m in models["data"]]
+        status, body = call(url, "POST", "/v1/completions", {"model": "Scripture", "prompt": "Once", "max_tokens": 5})
+        assert status == 200 and body["choices"][0]["text"]
+    finally:
+        window.stop_server()
