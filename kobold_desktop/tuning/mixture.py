@@ -82,6 +82,14 @@ def score_blocks(model: Any, softprompts: Sequence[torch.Tensor | None], blocks:
     return out
 
 
+def shares_of(log_weights: torch.Tensor, logliks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The E-step: each soft prompt's share of each block [B, K], and log p(block) under
+    the mixture [B]."""
+    joint = log_weights[None, :] + logliks.double()
+    total = torch.logsumexp(joint, dim=1)
+    return (joint - total[:, None]).exp(), total
+
+
 def fit_weights(logliks: torch.Tensor, prior: Sequence[float] | None = None, iterations: int = 500,
                 tolerance: float = 1e-10) -> torch.Tensor:
     """EM for the weights of a mixture over blocks: `logliks` [B, K] -> weights [K]."""
@@ -90,9 +98,7 @@ def fit_weights(logliks: torch.Tensor, prior: Sequence[float] | None = None, ite
              else torch.full((k,), 1.0 / k, dtype=torch.float64)).log()
     previous = -math.inf
     for _ in range(iterations):
-        joint = log_w[None, :] + logliks.double()
-        total = torch.logsumexp(joint, dim=1)  # log p(block) under the mixture
-        shares = (joint - total[:, None]).exp()  # E-step
+        shares, total = shares_of(log_w, logliks)  # E-step
         log_w = shares.mean(dim=0).clamp_min(1e-300).log()  # M-step
         likelihood = float(total.sum())
         if likelihood - previous < tolerance * max(1.0, abs(likelihood)):
@@ -212,8 +218,7 @@ def train_mixture(model: Any, tokenizer: Any, blocks: Blocks, config: TuningConf
         def e_step() -> torch.Tensor:
             nonlocal weights
             scores = score_blocks(model, [r.detach() for r in rows], blocks.train, config.batch_size)
-            joint = weights.log()[None, :] + scores
-            shares = (joint - torch.logsumexp(joint, dim=1, keepdim=True)).exp()
+            shares, _ = shares_of(weights.log(), scores)
             weights = shares.mean(dim=0).clamp_min(1e-12)
             weights = weights / weights.sum()
             return shares
