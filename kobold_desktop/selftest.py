@@ -1,7 +1,7 @@
 """`kobold-desktop --self-test`: prove that this installation (or bundle) works, headless.
 
 Loads the demo model, lists the bundled soft prompts and loads one, generates with and
-without it, reads soft prompt zips compressed with Deflate64 and with LZMA, and starts
+without it and with a mixture of them, reads soft prompt zips compressed with Deflate64 and with LZMA, and starts
 the window's code offscreen. Prints each check; exits 0 only if all passed. In the
 PyInstaller bundle this catches a missing hidden import before a user does.
 """
@@ -79,6 +79,7 @@ def run_self_test(out=print) -> int:
         if not valid:
             raise RuntimeError(f"no readable soft prompt in {paths.bundled_softprompt_dir()}")
         state["softprompt"] = valid[0]
+        state["softprompts"] = [e for e in valid if e.softprompt is not None]
         return ", ".join(f"{e.name} ({e.softprompt.n_tokens} tokens)" for e in valid)
 
     def generate_without() -> str:
@@ -96,6 +97,19 @@ def run_self_test(out=print) -> int:
         if result.generated_tokens == 0:
             raise RuntimeError("nothing was generated")
         return repr(result.text) + (" (differs from without)" if result.text != state["plain"] else "")
+
+    def generate_with_mixture() -> str:
+        from kobold_desktop.softprompt.mixture import Mixture, MixtureMember
+
+        members = state["softprompts"]
+        mixture = Mixture("self-test", "bayes", tuple(MixtureMember(e.path.name, 1.0) for e in members))
+        active = state["engine"].prepare_mixture(mixture, [e.path for e in members])
+        result = state["engine"].generate("And it came to pass", SamplingSettings(max_new_tokens=8, seed=1),
+                                          softprompt=active)
+        if result.generated_tokens == 0:
+            raise RuntimeError("nothing was generated")
+        weights = ", ".join(f"{w:.0%}" for w in result.mixture_weights)
+        return f"{active.name}: {result.text!r}, weights now {weights}"
 
     def compressed(method: str) -> Callable[[], str]:
         def run() -> str:
@@ -146,13 +160,14 @@ def run_self_test(out=print) -> int:
         if "softprompt" in state:
             check("loads a bundled soft prompt", load_softprompt_check)
             check("generates with it", generate_with)
+            check("generates with a mixture of them", generate_with_mixture)
         check("the local server answers over HTTP", local_server)
     check("reads a Deflate64 soft prompt zip", compressed("deflate64"))
     check("reads an LZMA soft prompt zip", compressed("lzma"))
     check("window code starts offscreen", window_code)
     failed = [name for name, ok in results if not ok]
     out(f"self-test: {len(results) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed or len(results) < 8 else 0
+    return 1 if failed or len(results) < 9 else 0
 
 
 if __name__ == "__main__":

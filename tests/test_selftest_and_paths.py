@@ -27,10 +27,11 @@ def test_self_test_passes_and_says_what_it_checked(fake_bundle, capsys):
     assert main(["--self-test"]) == 0
     out = capsys.readouterr().out
     for check in ("demo model loads", "bundled soft prompts list", "generates without a soft prompt",
-                  "loads a bundled soft prompt", "generates with it", "reads a Deflate64 soft prompt zip",
+                  "loads a bundled soft prompt", "generates with it", "generates with a mixture of them",
+                  "reads a Deflate64 soft prompt zip",
                   "reads an LZMA soft prompt zip", "window code starts offscreen"):
         assert f"[ok] {check}" in out
-    assert "self-test: 9 passed, 0 failed" in out
+    assert "self-test: 10 passed, 0 failed" in out
 
 
 def test_self_test_fails_without_a_demo_model(fake_bundle, capsys):
