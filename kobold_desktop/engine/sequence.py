@@ -8,6 +8,7 @@ its events go to. Its `Continuation` is the text side: tokens in, text chunks ou
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import threading
 import time
@@ -169,7 +170,7 @@ class Continuation:
         )
 
 
-class Request:
+class Request(abc.ABC):
     """What the stepping core asks of every request: its rows, a pick, a feed, an end.
 
     A `Sequence` is a request of one row; a mixture of soft prompts
@@ -205,8 +206,9 @@ class Request:
         if self.text is not None:
             self.text.cached_tokens = sum(row.reused for row in self.rows)
 
+    @abc.abstractmethod
     def pick(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The next token id as a [1] tensor on the logits' device."""
 
     def _chunk(self, chunk: TextChunk) -> Any:
         return chunk
