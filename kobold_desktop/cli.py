@@ -447,7 +447,7 @@ def cmd_softprompt_rank(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(ranking.to_dict())
         return EXIT_OK
-    width = max(len(s.name) for s in ranking.softprompts) + 2
+    width = max([len(s.name) for s in ranking.softprompts] + [len("mixture (learned weights)")]) + 2
     print(f"Held-out loss, nats per token (lower is better), on {blocks.held_out.shape[0]} blocks:")
     for i, s in enumerate(ranking.softprompts, 1):
         print(f"{i:3}. {s.name:<{width}} {s.loss:8.4f}   weight {s.weight:6.1%}")
