@@ -20,6 +20,7 @@ from the mixed distribution and feeds the token to every member.
 
 from __future__ import annotations
 
+import abc
 import inspect
 from typing import Any
 
@@ -38,23 +39,139 @@ def _accepts(model: Any, name: str) -> bool:
         return False
 
 
-class StepCore:
-    def __init__(self, model: Any, prefix_cache: PrefixCache | None = None):
-        self.model = model
-        self.embed = model.get_input_embeddings()
-        self.device = self.embed.weight.device
-        self.prefix_cache = prefix_cache
-        self._extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-        self._positions = _accepts(model, "position_ids")
+def reuse_point(reused: int, total: int, scoring: bool) -> int:
+    """How many cached positions to take: the last one is run again when the whole prompt
+    is cached (its logits give the next token) or when the row scores tokens (its logits
+    score the first token that is not cached)."""
+    if reused >= total or (scoring and reused):
+        return min(reused, total) - 1
+    return reused
+
+
+def cached_scores(reused: int, n_soft: int) -> int:
+    """How many prompt tokens a scoring row's cache entry has already scored, when
+    `reused` positions are taken from it."""
+    return max(reused + 1 - n_soft, 0) if reused else 0
+
+
+def score_tokens(logits: torch.Tensor, first: int, last: int, n_soft: int, ids: torch.Tensor) -> torch.Tensor | None:
+    """log p(token) for the prompt tokens that positions first..last-1 predict: the logits
+    at position p score the token at position p + 1 (a prompt token when n_soft <= p + 1 <
+    n_soft + len(ids)). `logits` holds one row per position from `first`."""
+    lo, hi = max(first, n_soft - 1), min(last, n_soft + len(ids) - 1)
+    if hi <= lo:
+        return None
+    logp = torch.log_softmax(logits[lo - first: hi - first].float(), dim=-1)
+    return logp.gather(1, ids[lo + 1 - n_soft: hi + 1 - n_soft, None])[:, 0]
+
+
+class BaseCore(abc.ABC):
+    """What every stepping core shares: the rows, picking one token per request, and
+    letting finished requests leave. A backend says how prompts run (`add`), how rows
+    leave (`_leave`) and how the model is run for the rows that stay (`_run`)."""
+
+    def __init__(self) -> None:
         self.rows: list[Sequence] = []
-        self._cache: Any = None  # the batch's DynamicCache, rows left-padded
-        self._mask: torch.Tensor | None = None  # [rows, length] 1 for real positions
         self.tokens_run = 0  # positions the model has been run on (prompt and generated)
         self.tokens_reused = 0  # positions taken from the prefix cache instead
 
     @property
     def active(self) -> bool:
         return bool(self.rows)
+
+    @property
+    def can_join(self) -> bool:
+        return True
+
+    def fits(self, request: Request) -> bool:
+        """Whether `request` can join now without running out of cache memory."""
+        return True
+
+    @abc.abstractmethod
+    def add(self, request: Request) -> None:
+        """Run the prompt of each of `request`'s rows and add them to the batch. Raises on
+        failure (the batch is unchanged); the caller decides whom to tell."""
+
+    @abc.abstractmethod
+    def _leave(self, keep: list[int]) -> None:
+        """Drop the rows not in `keep`, keeping their work for reuse where it can."""
+
+    @abc.abstractmethod
+    def _run(self, rows: list[Sequence], tokens: torch.Tensor, host_ids: list[int]) -> None:
+        """Run the model once for `rows`, each fed its new token; set each row's logits."""
+
+    @abc.abstractmethod
+    def _drop_all(self) -> None:
+        """Forget every row at once (the model failed)."""
+
+    def step(self) -> list[tuple[Request, int]]:
+        """Pick one token for every request (one pick for all the rows of a mixture), let
+        finished requests leave, and run the model for the rows of the others. Returns
+        the (request, token id) pairs picked."""
+        requests = list({id(seq.owner): seq.owner for seq in self.rows}.values())
+        picked, tokens = [], []
+        with torch.inference_mode():
+            for request in requests:
+                if request.cancelled():
+                    continue
+                try:
+                    tokens.append(request.pick())
+                    picked.append(request)
+                except Exception as exc:  # noqa: BLE001 - one request's failure is its own
+                    request.fail(exc)
+            ids = torch.cat(tokens).tolist() if tokens else []  # the one transfer to the host
+        result = list(zip(picked, ids))
+        token_of = {id(request): (i, token) for i, (request, token) in enumerate(result)}
+        for request in requests:
+            if request.done:
+                continue
+            if id(request) not in token_of:
+                request.finish("cancelled")
+            elif request.feed(token_of[id(request)][1]):
+                request.finish()
+        keep = [(index, seq) for index, seq in enumerate(self.rows) if not seq.owner.done]
+        self._leave([index for index, _ in keep])
+        if keep:
+            chosen = [token_of[id(seq.owner)] for _, seq in keep]
+            self._run([seq for _, seq in keep], torch.cat([tokens[i] for i, _ in chosen]),
+                      [token for _, token in chosen])
+        return result
+
+    def _advance(self, rows: list[Sequence], tokens: torch.Tensor, host_ids: list[int],
+                 logits: torch.Tensor) -> None:
+        """Each row has been fed its token; `logits[i]` is row i's next distribution."""
+        self.tokens_run += len(rows)
+        for i, seq in enumerate(rows):
+            if seq.processors:  # only the penalties read the history
+                seq.history = torch.cat([seq.history, tokens[i : i + 1, None]], dim=1)
+            seq.fed_ids.append(host_ids[i])
+            seq.next_position += 1
+            seq.logits = logits[i : i + 1]
+
+    def fail_all(self, error: BaseException) -> None:
+        """The model itself failed: every request hears of it, and the batch is emptied."""
+        for seq in self.rows:
+            seq.owner.fail(error)
+        self._drop_all()
+
+    def close(self) -> None:
+        """End every request now (their rows' caches are kept for reuse)."""
+        for seq in self.rows:
+            seq.owner.finish("cancelled")
+        self._leave([])
+
+
+class StepCore(BaseCore):
+    def __init__(self, model: Any, prefix_cache: PrefixCache | None = None):
+        super().__init__()
+        self.model = model
+        self.embed = model.get_input_embeddings()
+        self.device = self.embed.weight.device
+        self.prefix_cache = prefix_cache
+        self._extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        self._positions = _accepts(model, "position_ids")
+        self._cache: Any = None  # the batch's DynamicCache, rows left-padded
+        self._mask: torch.Tensor | None = None  # [rows, length] 1 for real positions
 
     @property
     def can_join(self) -> bool:
@@ -92,10 +209,8 @@ class StepCore:
                                                              scored=seq.scoring)
         if cache is not None and cache.layers[0].keys.dtype != self.embed.weight.dtype:
             cache, reused = None, 0  # computed in another precision: never mixed in
-        if reused >= total or (seq.scoring and reused):
-            # Run the last cached position again: its logits give the next token (and, for
-            # a scoring row, the score of the first token that is not cached).
-            reused = min(reused, total) - 1
+        if reuse_point(reused, total, seq.scoring) != reused:
+            reused = reuse_point(reused, total, seq.scoring)
             cache = kv.prefix(cache, reused) if reused else None
         if reused == 0:
             cache = None
@@ -130,7 +245,7 @@ class StepCore:
         """Prefill that also scores each prompt token: log p(token | soft prompt, tokens
         before it). Runs in chunks so that only a chunk's logits are ever held."""
         n_soft, total, device = seq.n_soft, seq.n_soft + len(seq.prompt_ids), self.device
-        done = max(reused + 1 - n_soft, 0) if reused else 0  # tokens scored in the cache
+        done = cached_scores(reused, n_soft)
         pieces = [cached[:done].to(device)] if done else []
         if reused == 0 and n_soft == 0:  # nothing predicts the very first token: it scores 0
             pieces = [torch.zeros(1, device=device)]
@@ -147,14 +262,9 @@ class StepCore:
             out = self.model(attention_mask=mask, past_key_values=cache, use_cache=True, **{name: part},
                              **kwargs, **extra)
             cache = out.past_key_values
-            # logits at position p score the token at position p + 1 (a prompt token when
-            # n_soft <= p + 1 < total)
-            lo = max(first, n_soft - 1)
-            hi = min(last, total - 1)
-            if hi > lo:
-                logp = torch.log_softmax(out.logits[0, lo - first: hi - first].float(), dim=-1)
-                targets = ids[lo + 1 - n_soft: hi + 1 - n_soft]
-                pieces.append(logp.gather(1, targets[:, None])[:, 0])
+            piece = score_tokens(out.logits[0], first, last, n_soft, ids)
+            if piece is not None:
+                pieces.append(piece)
             logits = out.logits[:, -1, :]
         seq.scores = pieces
         return cache, logits
@@ -170,39 +280,6 @@ class StepCore:
         self.rows.append(seq)
 
     # -- stepping ------------------------------------------------------------------------
-
-    def step(self) -> list[tuple[Request, int]]:
-        """Pick one token for every request (one pick for all the rows of a mixture), let
-        finished requests leave, and run the model for the rows of the others. Returns
-        the (request, token id) pairs picked."""
-        requests = list({id(seq.owner): seq.owner for seq in self.rows}.values())
-        picked, tokens = [], []
-        with torch.inference_mode():
-            for request in requests:
-                if request.cancelled():
-                    continue
-                try:
-                    tokens.append(request.pick())
-                    picked.append(request)
-                except Exception as exc:  # noqa: BLE001 - one request's failure is its own
-                    request.fail(exc)
-            ids = torch.cat(tokens).tolist() if tokens else []  # the one transfer to the host
-        result = list(zip(picked, ids))
-        token_of = {id(request): (i, token) for i, (request, token) in enumerate(result)}
-        for request in requests:
-            if request.done:
-                continue
-            if id(request) not in token_of:
-                request.finish("cancelled")
-            elif request.feed(token_of[id(request)][1]):
-                request.finish()
-        keep = [(index, seq) for index, seq in enumerate(self.rows) if not seq.owner.done]
-        self._leave([index for index, _ in keep])
-        if keep:
-            chosen = [token_of[id(seq.owner)] for _, seq in keep]
-            self._run([seq for _, seq in keep], torch.cat([tokens[i] for i, _ in chosen]),
-                      [token for _, token in chosen])
-        return result
 
     def _leave(self, keep: list[int]) -> None:
         """Drop the rows not in `keep`, storing their caches for reuse."""
@@ -245,23 +322,7 @@ class StepCore:
         with torch.inference_mode():
             out = self._forward(self._mask, positions, self._cache, input_ids=tokens[:, None])
         self._cache = out.past_key_values
-        self.tokens_run += len(rows)
-        logits = out.logits[:, -1, :]
-        for i, seq in enumerate(rows):
-            if seq.processors:  # only the penalties read the history
-                seq.history = torch.cat([seq.history, tokens[i : i + 1, None]], dim=1)
-            seq.fed_ids.append(host_ids[i])
-            seq.next_position += 1
-            seq.logits = logits[i : i + 1]
+        self._advance(rows, tokens, host_ids, out.logits[:, -1, :])
 
-    def fail_all(self, error: BaseException) -> None:
-        """The model itself failed: every request hears of it, and the batch is emptied."""
-        for seq in self.rows:
-            seq.owner.fail(error)
+    def _drop_all(self) -> None:
         self.rows, self._cache, self._mask = [], None, None
-
-    def close(self) -> None:
-        """End every request now (their rows' caches are kept for reuse)."""
-        for seq in self.rows:
-            seq.owner.finish("cancelled")
-        self._leave([])
