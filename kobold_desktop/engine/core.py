@@ -87,6 +87,18 @@ class BaseCore(abc.ABC):
         """Whether `request` can join now without running out of cache memory."""
         return True
 
+    def admit(self, waiting: Any, max_batch: int) -> None:
+        """Add waiting requests (a list or deque, oldest first) while they fit: at most
+        `max_batch` rows, a mixture's rows together. A request that fails to start fails
+        alone."""
+        while waiting and self.can_join and (
+                not self.rows or (len(self.rows) + len(waiting[0].rows) <= max_batch and self.fits(waiting[0]))):
+            request = waiting.popleft() if hasattr(waiting, "popleft") else waiting.pop(0)
+            try:
+                self.add(request)
+            except Exception as exc:  # noqa: BLE001 - this request's failure is its own
+                request.fail(exc)
+
     @abc.abstractmethod
     def add(self, request: Request) -> None:
         """Run the prompt of each of `request`'s rows and add them to the batch. Raises on

@@ -27,7 +27,6 @@ from kobold_desktop.engine.generate import (
 from kobold_desktop.engine.loader import LoadedModel, LoadOptions, Progress, load_model
 from kobold_desktop.engine.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 from kobold_desktop.engine.sampling import SamplingSettings
-from kobold_desktop.engine.core import StepCore
 from kobold_desktop.engine.mixture import ActiveMixture
 from kobold_desktop.engine.sequence import Request, Sink, eos_token_ids, softprompt_fingerprint
 from kobold_desktop.engine.sequence import Sequence as Row
@@ -130,7 +129,7 @@ class Engine:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.loaded.model.get_input_embeddings().weight.shape[1])
+        return self.loaded.hidden_size
 
     @property
     def context_length(self) -> int:
@@ -256,26 +255,20 @@ class Engine:
         events: list = []
         request = make_request(active, prompt_ids, settings, events.append, cancel, tokenizer=loaded.tokenizer,
                                eos=eos_token_ids(loaded.model, loaded.tokenizer))
-        yield from stream_request(loaded.model, request, events, prefix_cache=self.prefix_cache, lock=self.lock,
-                                  check=lambda: self.require(loaded))
+        yield from stream_request(loaded.model, request, events, lock=self.lock, check=lambda: self.require(loaded),
+                                  core=loaded.new_core(self.prefix_cache))
 
     def run(self, sequences: Sequence[Request], max_batch: int = 64) -> None:
         """Run `sequences` together until every one has ended (rows join as others leave),
         each reporting to its own sink. Holds the lock one step at a time."""
         loaded = self.loaded
-        core = StepCore(loaded.model, self.prefix_cache)
+        core = loaded.new_core(self.prefix_cache)
         waiting = list(sequences)
         try:
             while waiting or core.active:
                 with self.lock:
                     self.require(loaded)
-                    while waiting and core.can_join and (
-                            not core.rows or len(core.rows) + len(waiting[0].rows) <= max_batch):
-                        row = waiting.pop(0)
-                        try:
-                            core.add(row)
-                        except Exception as exc:  # noqa: BLE001 - this row's failure is its own
-                            row.fail(exc)
+                    core.admit(waiting, max_batch)
                     if core.active:
                         core.step()
         except BaseException as exc:

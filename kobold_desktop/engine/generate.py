@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence as Seq
 
 import torch
 
-from kobold_desktop.engine.core import StepCore
+from kobold_desktop.engine.core import BaseCore, StepCore
 from kobold_desktop.engine.prefix_cache import PrefixCache
 from kobold_desktop.engine.sampling import SamplingSettings
 from kobold_desktop.engine.sequence import (  # noqa: F401 - the public names of this layer
@@ -97,12 +97,14 @@ def stream_request(
     prefix_cache: PrefixCache | None = None,
     lock: AbstractContextManager | None = None,
     check: Callable[[], None] | None = None,
+    core: BaseCore | None = None,
 ) -> Iterator[StreamEvent]:
     """Run one request (a sequence or a mixture) whose sink appends to `events`, and yield
-    what it reports; `stream_generate` for requests built elsewhere."""
+    what it reports; `stream_generate` for requests built elsewhere. `core` is the
+    backend's (a transformers `StepCore` on `model` when not given)."""
     lock = lock if lock is not None else nullcontext()
     check = check or (lambda: None)
-    core = StepCore(model, prefix_cache)
+    core = core or StepCore(model, prefix_cache)
     try:
         with lock:
             check()

@@ -12,6 +12,7 @@ import torch
 from kobold_desktop.engine.device import choose_device, choose_dtype
 from kobold_desktop.engine.errors import ModelError
 from kobold_desktop.engine.model_info import ModelInfo, read_model_info
+from kobold_desktop.engine.llamacpp.model import is_gguf
 
 Progress = Callable[[str, float], None]  # (what is happening, fraction done 0..1)
 
@@ -28,6 +29,12 @@ class LoadOptions:
     # "6GiB". The rest of the layers stay in CPU memory.
     max_gpu_memory: str | None = None
     trust_remote_code: bool = False
+    # GGUF files (llama.cpp): CPU threads, context length per sequence and layers on the
+    # GPU; None chooses (physical cores; the model's context, at most 4096; all layers
+    # when llama.cpp was built with CUDA or Metal).
+    threads: int | None = None
+    context: int | None = None
+    gpu_layers: int | None = None
 
 
 @dataclass
@@ -42,16 +49,52 @@ class LoadedModel:
     device_map: dict[str, Any] | None = field(default=None)
 
     @property
+    def backend(self) -> str:
+        """"transformers", or "llama.cpp" for a GGUF file."""
+        return getattr(self.model, "backend", "transformers")
+
+    @property
     def input_device(self) -> torch.device:
-        """Where the input embeddings live (the first layer's device when split)."""
+        """Where the input embeddings live (the first layer's device when split); llama.cpp
+        takes soft prompt rows from the host."""
+        if self.backend != "transformers":
+            return torch.device("cpu")
         return self.model.get_input_embeddings().weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of the input embeddings: what a soft prompt's rows must have."""
+        if self.backend != "transformers":
+            return self.model.hidden_size
+        return int(self.model.get_input_embeddings().weight.shape[1])
 
     @property
     def context_length(self) -> int:
         return self.info.context_length or 2048
 
+    def new_core(self, prefix_cache: Any = None) -> Any:
+        """A stepping core on this model (llama.cpp keeps its own prefix cache in its
+        context, so `prefix_cache` is for transformers models)."""
+        if self.backend != "transformers":
+            from kobold_desktop.engine.llamacpp.core import LlamaCore
+
+            return LlamaCore(self.model)
+        from kobold_desktop.engine.core import StepCore
+
+        return StepCore(self.model, prefix_cache)
+
+    def require_transformers(self, what: str) -> None:
+        """Tuning and ranking need gradients or a full forward pass: transformers only."""
+        if self.backend != "transformers":
+            raise ModelError(f"{what} needs the model's transformers weights (a folder with config.json); "
+                             f"'{Path(self.source).name}' is a GGUF file for llama.cpp. Use the transformers "
+                             "model it was converted from: a soft prompt made on it works on the GGUF too.")
+
     @property
     def device_label(self) -> str:
+        if self.backend != "transformers":
+            gpu = self.model.gpu_layers
+            return f"llama.cpp, {self.model.threads} threads" + (f", {gpu} layers on the GPU" if gpu else ", CPU")
         if self.device_map:
             devices = sorted({str(d) for d in self.device_map.values()})
             return "split: " + ", ".join(devices)
@@ -59,6 +102,8 @@ class LoadedModel:
 
     def unload(self) -> None:
         """Drop the weights and give the memory back."""
+        if self.model is not None and hasattr(self.model, "close"):
+            self.model.close()
         self.model = None
         self.tokenizer = None
         gc.collect()
@@ -73,10 +118,13 @@ def _is_local(source: str) -> bool:
 def load_model(
     source: str | Path, options: LoadOptions = LoadOptions(), progress: Progress = _no_progress
 ) -> LoadedModel:
-    """Load a local model folder (safetensors preferred) or a Hugging Face model id."""
+    """Load a local model folder (safetensors preferred), a Hugging Face model id, or a
+    GGUF file (llama.cpp)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(source)
+    if source.lower().endswith(".gguf") or (Path(source).expanduser().is_file() and is_gguf(source)):
+        return load_gguf(source, options, progress)
     if _is_local(source) and not Path(source).expanduser().is_dir():
         raise ModelError(f"no model folder at '{source}'.")
     if _is_local(source):
@@ -119,3 +167,19 @@ def load_model(
     model.requires_grad_(False)
     progress("Ready", 1.0)
     return LoadedModel(model, tokenizer, info, source, dtype, device_map)
+
+
+def load_gguf(source: str | Path, options: LoadOptions = LoadOptions(), progress: Progress = _no_progress) -> LoadedModel:
+    """Load a GGUF file with llama.cpp. Its name, hidden size and context length come from
+    the file's metadata, so soft prompts are checked against it as for any model."""
+    from kobold_desktop.engine.llamacpp.model import GgufModel, GgufOptions, GgufTokenizer
+
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ModelError(f"no GGUF file at '{source}'.")
+    progress(f"Loading {path.name} with llama.cpp", 0.2)
+    model = GgufModel(path, GgufOptions(threads=options.threads, context=options.context,
+                                        gpu_layers=options.gpu_layers))
+    info = ModelInfo(model.name, model.hidden_size, model.context_length, model.architecture)
+    progress("Ready", 1.0)
+    return LoadedModel(model, GgufTokenizer(model), info, str(path), torch.float32)

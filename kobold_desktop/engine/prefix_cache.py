@@ -8,6 +8,11 @@ soft prompt's fingerprint too, because its rows come first: another soft prompt 
 nothing. An LRU bounded in bytes; the newest entry is always kept, since it is the one
 the window's next turn needs and its memory was in use a moment ago anyway.
 
+The cache objects are a backend's: transformers KV caches by default (`kv`), or handles
+to llama.cpp sequences, whose `ops` say how long one is, how much memory it holds and
+how to take a prefix of it; `on_evict` hears of each entry that is dropped (llama.cpp
+frees its sequence).
+
 A member of a `bayes` mixture also needs the log-probability its soft prompt gave each
 token (the posterior is their sum), so its entries carry those scores; a lookup that
 needs scores only matches entries that have them.
@@ -18,7 +23,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from types import ModuleType
+from typing import Any, Callable, Sequence
 
 from kobold_desktop.engine import kv
 
@@ -48,9 +54,12 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_entries: int = 16):
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_entries: int = 16, ops: Any = None,
+                 on_evict: Callable[[Any], None] | None = None):
         self.max_bytes = max_bytes
         self.max_entries = max_entries
+        self.ops: ModuleType | Any = ops or kv  # is_joinable, length, nbytes, prefix
+        self._on_evict = on_evict or (lambda cache: None)
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next = 0
         self._lock = threading.Lock()
@@ -64,7 +73,18 @@ class PrefixCache:
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
+            entries, self._entries = list(self._entries.values()), OrderedDict()
+        for entry in entries:
+            self._on_evict(entry.cache)
+
+    def evict_oldest(self) -> bool:
+        """Drop the least recently used entry; False when there is none."""
+        with self._lock:
+            if not self._entries:
+                return False
+            _, entry = self._entries.popitem(last=False)
+        self._on_evict(entry.cache)
+        return True
 
     def lookup(self, softprompt_key: str | None, n_soft: int, ids: Sequence[int],
                scored: bool = False) -> tuple[Any, int, Any]:
@@ -87,17 +107,20 @@ class PrefixCache:
             self._entries.move_to_end(best)
             entry = self._entries[best]
             scores = entry.scores[: best_n - n_soft] if scored else None
-            return kv.prefix(entry.cache, best_n), best_n, scores
+            return self.ops.prefix(entry.cache, best_n), best_n, scores
 
     def store(self, softprompt_key: str | None, n_soft: int, ids: Sequence[int], cache: Any,
               scores: Any = None) -> None:
         """Keep `cache`, which holds exactly `n_soft + len(ids)` positions of one row
         (and `scores`, one per id, if given)."""
-        if not kv.is_joinable(cache) or kv.length(cache) != n_soft + len(ids):
+        ops = self.ops
+        if not ops.is_joinable(cache) or ops.length(cache) != n_soft + len(ids):
+            self._on_evict(cache)
             return
         if scores is not None and len(scores) != len(ids):
             scores = None
-        entry = _Entry(softprompt_key, n_soft, tuple(ids), cache, kv.nbytes(cache), scores)
+        entry = _Entry(softprompt_key, n_soft, tuple(ids), cache, ops.nbytes(cache), scores)
+        dropped = []
         with self._lock:
             # An entry that is a prefix of the new one can give nothing the new one cannot
             # (unless it has scores and the new one does not).
@@ -105,8 +128,10 @@ class PrefixCache:
                         if e.softprompt_key == softprompt_key and e.n_soft == n_soft
                         and (scores is not None or e.scores is None)
                         and len(e.ids) <= len(entry.ids) and entry.ids[: len(e.ids)] == e.ids]:
-                del self._entries[key]
+                dropped.append(self._entries.pop(key))
             self._entries[self._next] = entry
             self._next += 1
             while len(self._entries) > 1 and (self.nbytes > self.max_bytes or len(self._entries) > self.max_entries):
-                self._entries.popitem(last=False)
+                dropped.append(self._entries.popitem(last=False)[1])
+        for old in dropped:
+            self._on_evict(old.cache)

@@ -16,7 +16,6 @@ from collections import deque
 from typing import Iterator, Sequence as Seq
 
 from kobold_desktop.engine import Engine, ModelError, SamplingSettings, make_request
-from kobold_desktop.engine.core import StepCore
 from kobold_desktop.engine.engine import Active
 from kobold_desktop.engine.sequence import GenerationResult, Request, StreamEvent, eos_token_ids
 
@@ -104,15 +103,8 @@ class BatchScheduler:
                             core = None
                             continue
                         loaded = self.engine.loaded
-                        core = StepCore(loaded.model, self.engine.prefix_cache)
-                    while waiting and core.can_join and (
-                            not core.rows or len(core.rows) + len(waiting[0].rows) <= self.max_batch):
-                        seq = waiting.popleft()
-                        try:
-                            core.add(seq)
-                        except Exception as exc:  # noqa: BLE001 - this request's failure is its own
-                            traceback.print_exc()
-                            seq.fail(exc)
+                        core = loaded.new_core(self.engine.prefix_cache)
+                    core.admit(waiting, self.max_batch)
                     if core.active:
                         self.batch_sizes.append(len(core.rows))
                         try:
