@@ -7,6 +7,12 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; set TORCH=torch (or a CUDA wheel) to use your GPU.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# llama.cpp for GGUF models (the [gguf] extra) compiles from source: a few minutes on two
+# cores the first time; pip keeps the wheel in its cache after that. The multimodal
+# library is not built (we do not use it). Set CMAKE_ARGS="-DGGML_CUDA=on" for a GPU.
+LLAMA_CPP := llama-cpp-python==0.3.36
+CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+export CMAKE_ARGS
 
 .PHONY: run test bundle bench clean
 
@@ -14,7 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet "$(LLAMA_CPP)"
+	$(PY) -m pip install --quiet -e ".[test,gguf]"
+	$(PY) -m kobold_desktop model get-converter
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -25,7 +33,7 @@ test: $(STAMP)
 
 # dist/kobold-desktop/: the app in one folder that runs without Python; checked with --self-test.
 bundle: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[test,bundle]"
+	$(PY) -m pip install --quiet -e ".[test,gguf,bundle]"
 	$(PY) packaging/build.py
 
 bench: $(STAMP)

@@ -224,7 +224,7 @@ def resolve_mixture(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from kobold_desktop.engine import Engine, LoadOptions, SamplingSettings
+    from kobold_desktop.engine import Engine, SamplingSettings
 
     if args.prompt_file is not None:
         try:
@@ -259,7 +259,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine()
     model = resolve_model(args.model)
     print(f"Loading {model} ...", file=sys.stderr)
-    engine.load(model, LoadOptions(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code))
+    engine.load(model, load_options(args, trust_remote_code=args.trust_remote_code))
     active = None
     if mixture is not None:
         active = engine.set_mixture(*mixture)
@@ -303,7 +303,7 @@ def _progress_line(p) -> str:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from kobold_desktop import paths
-    from kobold_desktop.engine import Engine, LoadOptions
+    from kobold_desktop.engine import Engine
     from kobold_desktop.softprompt import Metadata
     from kobold_desktop.tuning import TuningConfig, make_blocks, read_training_text, train_softprompt
     from kobold_desktop.tuning.export import export_softprompt, output_path
@@ -336,7 +336,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # Gradients want float32 on a CPU (bfloat16 there is for reading, not for learning);
     # GPUs tune float32 weights under autocast, or float16 weights with loss scaling.
     dtype = args.dtype or ("float32" if choose_device(args.device).type == "cpu" else None)
-    loaded = engine.load(model, LoadOptions(device=args.device, dtype=dtype))
+    loaded = engine.load(model, load_options(args, dtype=dtype))
     blocks = make_blocks(text, loaded.tokenizer, config.block_len, config.held_out_share, config.seed)
     print(f"{blocks.train.shape[0]} training blocks, {blocks.held_out.shape[0]} held out, "
           f"{config.block_len} tokens each", file=sys.stderr)
@@ -404,7 +404,7 @@ def cmd_softprompt_blend(args: argparse.Namespace) -> int:
 
 
 def cmd_softprompt_rank(args: argparse.Namespace) -> int:
-    from kobold_desktop.engine import Engine, LoadOptions
+    from kobold_desktop.engine import Engine
     from kobold_desktop.softprompt.library import SoftPromptLibrary
     from kobold_desktop.softprompt.mixture import Mixture, MixtureMember, write_mixture
     from kobold_desktop.tuning import make_blocks, read_training_text
@@ -425,7 +425,7 @@ def cmd_softprompt_rank(args: argparse.Namespace) -> int:
     engine = Engine()
     model = resolve_model(args.model)
     print(f"Loading {model} ...", file=sys.stderr)
-    engine.load(model, LoadOptions(device=args.device, dtype=args.dtype))
+    engine.load(model, load_options(args))
     prepared = [engine.prepare_softprompts([f]) for f in files]
     loaded = engine.loaded
     blocks = make_blocks(text, loaded.tokenizer, args.block_size, args.held_out, args.seed)
@@ -459,7 +459,7 @@ def cmd_softprompt_rank(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kobold_desktop.engine import Engine, LoadOptions
+    from kobold_desktop.engine import Engine
     from kobold_desktop.server.config import ServeConfig, parse_adapter_args
     from kobold_desktop.server.http import KoboldServer, warn_if_exposed
     from kobold_desktop.server.service import Service
@@ -475,7 +475,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine()
     model = resolve_model(config.model)
     print(f"Loading {model} ...", file=sys.stderr)
-    engine.load(model, LoadOptions(device=args.device, dtype=args.dtype))
+    engine.load(model, load_options(args))
     service = Service(engine, config)
     try:
         server = KoboldServer(service, config.host, config.port, quiet=not args.verbose)
@@ -495,6 +495,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def model_flags(p: argparse.ArgumentParser, gguf: bool = True) -> None:
+    """How a model is loaded: the flags every command that loads one shares."""
+    p.add_argument("--device", metavar="D", help="cuda, cuda:1, mps or cpu (default: a GPU if there is one)")
+    p.add_argument("--dtype", metavar="T",
+                   help="float32, float16 or bfloat16 (default: bfloat16 where the GPU or CPU computes it "
+                        "natively, else float16 on GPUs and float32 on CPUs)")
+    if gguf:
+        p.add_argument("--threads", type=int, metavar="N", help="GGUF models: CPU threads (default: the cores)")
+        p.add_argument("--context-size", type=int, metavar="N",
+                       help="GGUF models: tokens of context (default: the model's, at most 4096)")
+        p.add_argument("--gpu-layers", type=int, metavar="N",
+                       help="GGUF models: layers on the GPU, for llama.cpp built with CUDA or Metal "
+                            "(default: all of them when it was, else 0)")
+
+
+def load_options(args: argparse.Namespace, **overrides: Any) -> Any:
+    from kobold_desktop.engine import LoadOptions
+
+    values = dict(device=getattr(args, "device", None), dtype=getattr(args, "dtype", None),
+                  threads=getattr(args, "threads", None), context=getattr(args, "context_size", None),
+                  gpu_layers=getattr(args, "gpu_layers", None))
+    for name in ("threads", "context", "gpu_layers"):
+        if values[name] is not None and values[name] < (0 if name == "gpu_layers" else 1):
+            raise UsageError(f"--{name.replace('_', '-').replace('context', 'context-size')} must be "
+                             f"{'0 or more' if name == 'gpu_layers' else 'at least 1'}.")
+    values.update({k: v for k, v in overrides.items() if v is not None or k == "dtype"})
+    return LoadOptions(**values)
+
+
+def cmd_model_convert(args: argparse.Namespace) -> int:
+    from kobold_desktop.engine.llamacpp.convert import convert
+
+    model = resolve_model(args.src)
+    print(f"Converting {model} to {args.type} ...", file=sys.stderr)
+    out = convert(model, args.dst, args.type, llama_cpp=args.llama_cpp,
+                  log=(lambda text: sys.stderr.write(text)) if args.verbose else None)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_model_get_converter(args: argparse.Namespace) -> int:
+    from kobold_desktop.engine.llamacpp.convert import get_converter
+
+    folder = get_converter(args.dest, args.sdist)
+    print(f"llama.cpp's converter is in {folder}", file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kobold-desktop",
@@ -503,10 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--model", metavar="PATH_OR_ID", help="the model to load in the window")
     parser.add_argument("--softprompt", metavar="NAME_OR_PATH", help="the soft prompt to load in the window")
-    parser.add_argument("--dtype", metavar="T",
-                        help="float32, float16 or bfloat16 (default: bfloat16 where the GPU or CPU computes it "
-                             "natively, else float16 on GPUs and float32 on CPUs)")
-    parser.add_argument("--device", metavar="D", help="cuda, cuda:1, mps or cpu (default: a GPU if there is one)")
+    model_flags(parser)
     parser.add_argument("--screenshot", metavar="PNG", help="start the window, save it as PNG when ready, exit")
     parser.add_argument("--self-test", action="store_true",
                         help="check headless that the demo model, soft prompts and window code work; exit 0 if so")
@@ -535,8 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty-range", type=int, default=1024, metavar="N")
     g.add_argument("--seed", type=int, metavar="S")
     g.add_argument("--stop", action="append", metavar="STR", help="stop at this text (repeatable)")
-    g.add_argument("--device", metavar="D", help="cuda, cuda:1, mps or cpu (default: the best there is)")
-    g.add_argument("--dtype", metavar="T", help="float32, float16 or bfloat16 (default: by device)")
+    model_flags(g)
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own Python code to run (only for models you trust)")
     g.add_argument("--json", action="store_true", help="print one JSON object with the result")
@@ -567,8 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", metavar="NAME")
     t.add_argument("--author", action="append", metavar="NAME")
     t.add_argument("--description", metavar="TEXT")
-    t.add_argument("--device", metavar="D")
-    t.add_argument("--dtype", metavar="T")
+    model_flags(t, gguf=False)
     t.set_defaults(func=cmd_tune)
 
     v = commands.add_parser("serve", help="OpenAI- and KoboldAI-compatible server; each soft prompt is a model")
@@ -585,8 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--admin-key", metavar="KEY", help="key for loading/unloading soft prompts (default: the API key)")
     v.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
                    help="web pages beyond localhost that may call the server, e.g. https://lite.koboldai.net")
-    v.add_argument("--device", metavar="D")
-    v.add_argument("--dtype", metavar="T")
+    model_flags(v)
     v.add_argument("--verbose", action="store_true", help="log every request on stderr")
     v.set_defaults(func=cmd_serve)
 
@@ -638,8 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", type=float, default=0.25, metavar="SHARE",
                    help="share of blocks the losses are reported on; the rest fits the weights (0.25)")
     p.add_argument("--seed", type=int, default=1234, metavar="S")
-    p.add_argument("--device", metavar="D")
-    p.add_argument("--dtype", metavar="T")
+    model_flags(p, gguf=False)
     common(p, json_flag=True)
     p.set_defaults(func=cmd_softprompt_rank)
 
@@ -658,6 +699,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST")
     common(p)
     p.set_defaults(func=cmd_softprompt_convert)
+
+    m = commands.add_parser("model", help="convert a transformers model to GGUF for llama.cpp")
+    m_commands = m.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    p = m_commands.add_parser("convert", help="a transformers model folder -> a GGUF file")
+    p.add_argument("src", metavar="MODEL", help="a transformers model folder")
+    p.add_argument("dst", metavar="OUT.gguf")
+    from kobold_desktop.engine.llamacpp.convert import TYPES
+
+    p.add_argument("--type", choices=TYPES, default="f16", type=str.lower,
+                   help="f32, f16, bf16 and q8_0 are written directly, the others quantized from f32 (default f16)")
+    p.add_argument("--llama-cpp", metavar="DIR", help="a llama.cpp checkout whose converter to use")
+    p.add_argument("--verbose", action="store_true", help="show the converter's log")
+    p.set_defaults(func=cmd_model_convert)
+    p = m_commands.add_parser("get-converter", help="fetch llama.cpp's converter (from llama-cpp-python's source)")
+    p.add_argument("--dest", metavar="DIR", help="where to put it (default: beside this Python)")
+    p.add_argument("--sdist", metavar="TAR.GZ", help="take it from this llama-cpp-python source archive")
+    p.set_defaults(func=cmd_model_get_converter)
     return parser
 
 

@@ -23,9 +23,15 @@ def model_name(model: str | Path) -> str:
 
 
 def read_model_info(model: str | Path, *, trust_remote_code: bool = False) -> ModelInfo:
-    """Read a model's config (a local folder, or a Hugging Face id in the local cache or
-    online) without loading its weights."""
+    """Read a model's config (a local folder, a Hugging Face id in the local cache or
+    online, or a GGUF file's header) without loading its weights."""
     from transformers import AutoConfig
+
+    if str(model).lower().endswith(".gguf") and Path(model).expanduser().is_file():
+        from kobold_desktop.engine.llamacpp.header import gguf_info
+
+        name, arch, hidden, context = gguf_info(model)
+        return ModelInfo(name, hidden, min(context, 4096) if context else None, arch)
 
     try:
         config = AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code)

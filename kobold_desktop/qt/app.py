@@ -26,10 +26,10 @@ def startup_model(requested: str | None, settings: Settings) -> str | None:
 
 
 def startup_options(args: argparse.Namespace):
-    """`--dtype` and `--device` for the model loaded at start."""
-    from kobold_desktop.engine import LoadOptions
+    """`--dtype`, `--device` and the GGUF flags for the model loaded at start."""
+    from kobold_desktop.cli import load_options
 
-    return LoadOptions(device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+    return load_options(args)
 
 
 def startup_softprompt(requested: str | None, library: SoftPromptLibrary) -> Path | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +79,8 @@ class Compatibility:
 
 
 def _model_matches(supported: str, model_name: str) -> bool:
-    def norm(name: str) -> str:
-        return name.strip().rstrip("/").lower()
+    def norm(name: str) -> str:  # "Demo Model" (a GGUF's general.name) is "demo-model"
+        return re.sub(r"[\s_-]+", "-", name.strip().rstrip("/").lower())
 
     a, b = norm(supported), norm(model_name)
     return a == b or a.rsplit("/", 1)[-1] == b.rsplit("/", 1)[-1]
