@@ -29,7 +29,7 @@ run: $(STAMP)
 	$(VENV)/bin/kobold-desktop
 
 test: $(STAMP)
-	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+	QT_QPA_PLATFORM=offscreen KOBOLD_REQUIRE_GGUF=1 $(PY) -m pytest -q
 
 # dist/kobold-desktop/: the app in one folder that runs without Python; checked with --self-test.
 bundle: $(STAMP)

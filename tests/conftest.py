@@ -28,3 +28,27 @@ def model_dirs(tmp_path_factory):
 def tune_model_dir(tmp_path_factory):
     """Hidden size 64: big enough for a soft prompt to steer a random model clearly."""
     return build_tiny_model(tmp_path_factory.mktemp("tune") / "model", "gpt2", hidden=64)
+
+
+def require_llama_cpp():
+    """llama-cpp-python (the [gguf] extra), which `make test` installs: its absence fails
+    the run there (KOBOLD_REQUIRE_GGUF=1) and skips the GGUF tests elsewhere."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        if os.environ.get("KOBOLD_REQUIRE_GGUF"):
+            pytest.fail("llama-cpp-python is not installed; `make test` installs the [gguf] extra")
+        pytest.skip("llama-cpp-python (the [gguf] extra) is not installed")
+
+
+@pytest.fixture(scope="session")
+def gguf_model(tmp_path_factory):
+    """A tiny random Llama (hidden size 64, a BOS-adding byte-level BPE tokenizer), saved
+    for transformers and converted by llama.cpp's converter to f32 and q8_0 GGUF files."""
+    require_llama_cpp()
+    from kobold_desktop.engine.llamacpp.convert import convert
+
+    root = tmp_path_factory.mktemp("gguf")
+    folder = build_tiny_model(root / "tiny-llama", "llama", hidden=64)
+    return {"dir": folder, "f32": convert(folder, root / "tiny-llama-f32.gguf", "f32"),
+            "q8_0": convert(folder, root / "tiny-llama-q8_0.gguf", "q8_0")}
