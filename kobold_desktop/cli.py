@@ -337,6 +337,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # GPUs tune float32 weights under autocast, or float16 weights with loss scaling.
     dtype = args.dtype or ("float32" if choose_device(args.device).type == "cpu" else None)
     loaded = engine.load(model, load_options(args, dtype=dtype))
+    loaded.require_transformers("Tuning")
     blocks = make_blocks(text, loaded.tokenizer, config.block_len, config.held_out_share, config.seed)
     print(f"{blocks.train.shape[0]} training blocks, {blocks.held_out.shape[0]} held out, "
           f"{config.block_len} tokens each", file=sys.stderr)
@@ -426,6 +427,7 @@ def cmd_softprompt_rank(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     print(f"Loading {model} ...", file=sys.stderr)
     engine.load(model, load_options(args))
+    engine.loaded.require_transformers("Ranking soft prompts")
     prepared = [engine.prepare_softprompts([f]) for f in files]
     loaded = engine.loaded
     blocks = make_blocks(text, loaded.tokenizer, args.block_size, args.held_out, args.seed)

@@ -157,6 +157,7 @@ class ModelWorker(QObject):
         def work():
             loaded = self.engine.loaded
             text = "\n\n".join(read_training_text(path) for path in request.files)
+            loaded.require_transformers("Tuning")
             config = request.config
             blocks = make_blocks(text, loaded.tokenizer, config.block_len, config.held_out_share, config.seed)
             stem = safe_stem(request.meta.name or "softprompt")
@@ -218,6 +219,7 @@ class ModelWorker(QObject):
 
         def work():
             loaded = self.engine.loaded
+            loaded.require_transformers("Learning weights")
             text = request.text or "\n\n".join(read_training_text(path) for path in request.files)
             prepared = [self.engine.prepare_softprompts([path]) for path in request.softprompts]
             blocks = make_blocks(text, loaded.tokenizer, request.block_len, request.held_out_share, 1234)
