@@ -62,6 +62,13 @@ class LoadedModel:
         return self.model.get_input_embeddings().weight.device
 
     @property
+    def precision(self) -> str:
+        """What the weights are stored as: "bfloat16", or a GGUF type such as "Q8_0"."""
+        if self.backend != "transformers":
+            return self.model.precision
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def hidden_size(self) -> int:
         """The width of the input embeddings: what a soft prompt's rows must have."""
         if self.backend != "transformers":

@@ -697,9 +697,13 @@ class MainWindow(QMainWindow):
             self.handle_dropped_paths([Path(f) for f in files])
 
     def handle_dropped_paths(self, dropped: list[Path]) -> None:
-        """Validate each dropped file, copy the good ones into the user's folder, explain the rest."""
+        """Validate each dropped file, copy the good ones into the user's folder, explain the rest.
+        A dropped GGUF file is a model: it is loaded."""
         candidates, refused = [], []
+        models = [path for path in dropped if path.is_file() and path.suffix.lower() == ".gguf"]
         for path in dropped:
+            if path in models:
+                continue
             if (path.is_dir() and peft_dir.is_peft_dir(path)) or (path.is_file() and path.suffix.lower() in (".zip", ".json")):
                 candidates.append(path)
             else:
@@ -715,6 +719,10 @@ class MainWindow(QMainWindow):
         lines += [f"Refused {reason}" for reason in refused]
         if lines:
             self.notify("Soft prompts", "\n".join(lines), error=bool(refused))
+        if models:
+            if len(models) > 1:
+                self.notify("Models", f"Dropped {len(models)} GGUF files; loading {models[-1].name}.")
+            self.load_model(str(models[-1]))
 
     # -- story files -----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The "Load model…" dialog: a folder, a recent model, or a Hugging Face id."""
+"""The "Load model…" dialog: a folder, a GGUF file, a recent model, or a Hugging Face id."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from kobold_desktop.qt._qt import (
     QLineEdit,
     QListWidget,
     QPushButton,
+    QSpinBox,
     QVBoxLayout,
 )
 
@@ -24,12 +25,17 @@ class ModelDialog(QDialog):
         super().__init__(parent)
         self.setWindowTitle("Load model")
         self.source = QLineEdit(current, self)
-        self.source.setPlaceholderText("a model folder, or a Hugging Face id such as EleutherAI/pythia-160m")
+        self.source.setPlaceholderText("a model folder, a .gguf file, or a Hugging Face id such as "
+                                       "EleutherAI/pythia-160m")
+        self.source.setAccessibleName("Model folder, GGUF file or Hugging Face id")
         browse = QPushButton("Folder…", self)
         browse.clicked.connect(self.browse)
+        browse_file = QPushButton("GGUF file…", self)
+        browse_file.clicked.connect(self.browse_gguf)
         row = QHBoxLayout()
         row.addWidget(self.source, 1)
         row.addWidget(browse)
+        row.addWidget(browse_file)
         self.recent = QListWidget(self)
         self.recent.addItems(recent)
         self.recent.currentTextChanged.connect(self.source.setText)
@@ -46,6 +52,13 @@ class ModelDialog(QDialog):
         form.addRow("Precision", self.dtype)
         form.addRow("GPU memory limit", self.gpu_memory)
         form.addRow(self.trust)
+        # GGUF files run with llama.cpp: its own settings (0 = choose)
+        self.threads = self._spin(0, 256, "auto", "CPU threads for llama.cpp")
+        self.context = self._spin(0, 1 << 20, "the model's, at most 4096", "Context size for GGUF models", step=512)
+        self.gpu_layers = self._spin(-1, 999, "all when llama.cpp has a GPU", "Layers on the GPU for GGUF models")
+        form.addRow("GGUF: CPU threads", self.threads)
+        form.addRow("GGUF: context size", self.context)
+        form.addRow("GGUF: layers on the GPU", self.gpu_layers)
         buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, self)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
@@ -57,6 +70,21 @@ class ModelDialog(QDialog):
         layout.addLayout(form)
         layout.addWidget(buttons)
         self.resize(620, 420)
+
+    def _spin(self, low: int, high: int, auto: str, name: str, step: int = 1) -> QSpinBox:
+        spin = QSpinBox(self)
+        spin.setRange(low, high)
+        spin.setSingleStep(step)
+        spin.setValue(low)
+        spin.setSpecialValueText(auto)  # shown at the lowest value: let llama.cpp choose
+        spin.setAccessibleName(name)
+        return spin
+
+    def browse_gguf(self) -> None:
+        chosen, _ = QFileDialog.getOpenFileName(self, "Choose a GGUF model", self.source.text(),
+                                                "GGUF models (*.gguf);;All files (*)")
+        if chosen:
+            self.source.setText(chosen)
 
     def browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose a model folder", self.source.text())
@@ -72,4 +100,7 @@ class ModelDialog(QDialog):
             dtype=auto(self.dtype.currentText()),
             max_gpu_memory=self.gpu_memory.text().strip() or None,
             trust_remote_code=self.trust.isChecked(),
+            threads=self.threads.value() or None,
+            context=self.context.value() or None,
+            gpu_layers=None if self.gpu_layers.value() < 0 else self.gpu_layers.value(),
         )

@@ -107,7 +107,7 @@ class ModelWorker(QObject):
                     name=loaded.info.name,
                     source=loaded.source,
                     device=loaded.device_label,
-                    dtype=str(loaded.dtype).removeprefix("torch."),
+                    dtype=loaded.precision,
                     context_length=loaded.context_length,
                     hidden_size=self.engine.hidden_size,
                 )

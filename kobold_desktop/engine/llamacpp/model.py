@@ -145,6 +145,9 @@ class GgufModel:
             self.n_ctx_train = int(lib.llama_model_n_ctx_train(self._model))
             self.sliding = int(lib.llama_model_n_swa(self._model)) > 0
             self.name = self.meta("general.name") or self.path.stem
+            desc = ctypes.create_string_buffer(256)
+            lib.llama_model_desc(self._model, desc, len(desc))
+            self.precision = desc.value.decode(errors="replace").split()[-1] if desc.value else "GGUF"
             self.architecture = self.meta("general.architecture") or "unknown"
             wanted = options.context or min(self.n_ctx_train or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
             self.context_length = min(wanted, self.n_ctx_train) if self.n_ctx_train else wanted
