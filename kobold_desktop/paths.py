@@ -73,3 +73,8 @@ def bundled_softprompt_dir() -> Path:
 
 def demo_model_dir() -> Path:
     return bundle_root() / "assets" / "demo-model"
+
+
+def demo_gguf() -> Path:
+    """The demo model converted to GGUF (q8_0) for llama.cpp; the bundle ships it."""
+    return bundle_root() / "assets" / "demo-model-q8_0.gguf"

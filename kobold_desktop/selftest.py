@@ -2,7 +2,8 @@
 
 Loads the demo model, lists the bundled soft prompts and loads one, generates with and
 without it and with a mixture of them, reads soft prompt zips compressed with Deflate64 and with LZMA, and starts
-the window's code offscreen. Prints each check; exits 0 only if all passed. In the
+the window's code offscreen. Where the demo model's GGUF is at hand (the bundle ships it),
+llama.cpp generates from it with a soft prompt too. Prints each check; exits 0 only if all passed. In the
 PyInstaller bundle this catches a missing hidden import before a user does.
 """
 
@@ -153,6 +154,24 @@ def run_self_test(out=print) -> int:
         app = QApplication.instance() or QApplication([])
         return f"Qt {app.platformName()} platform"
 
+    def gguf() -> str:
+        engine = Engine()
+        loaded = engine.load(paths.demo_gguf())
+        try:
+            greedy = SamplingSettings(max_new_tokens=12, temperature=0)
+            active = engine.set_softprompt(state["softprompt"].path) if "softprompt" in state else None
+            result = engine.generate("And it came to pass", greedy)
+            if result.generated_tokens == 0:
+                raise RuntimeError("nothing was generated")
+            detail = f"{loaded.precision}, {loaded.device_label}, {active.name if active else 'no soft prompt'}: "
+            if "engine" in state:  # how far the float32 transformers model agrees, token for token
+                theirs = state["engine"].generate("And it came to pass", greedy, softprompt=state["engine"].softprompt)
+                same = next((i for i, (a, b) in enumerate(zip(result.token_ids, theirs.token_ids)) if a != b), 12)
+                detail += f"first {same}/12 tokens as transformers, "
+            return detail + repr(result.text)
+        finally:
+            engine.unload()
+
     check("demo model loads", demo_model)
     check("bundled soft prompts list", bundled_softprompts)
     if "engine" in state:
@@ -162,6 +181,8 @@ def run_self_test(out=print) -> int:
             check("generates with it", generate_with)
             check("generates with a mixture of them", generate_with_mixture)
         check("the local server answers over HTTP", local_server)
+    if getattr(sys, "frozen", False) or paths.demo_gguf().is_file():
+        check("llama.cpp generates from the demo GGUF with a soft prompt", gguf)
     check("reads a Deflate64 soft prompt zip", compressed("deflate64"))
     check("reads an LZMA soft prompt zip", compressed("lzma"))
     check("window code starts offscreen", window_code)

@@ -42,6 +42,11 @@ def main() -> int:
     if not (ROOT / "assets" / "demo-model" / "config.json").is_file():
         print("error: assets/demo-model is missing; build it with python assets/build_demo_model.py", file=sys.stderr)
         return 2
+    demo_gguf = ROOT / "build" / "demo-model-q8_0.gguf"
+    if not demo_gguf.is_file():  # the bundle ships the demo model for llama.cpp too
+        from kobold_desktop.engine.llamacpp.convert import convert
+
+        convert(ROOT / "assets" / "demo-model", demo_gguf, "q8_0")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "PyInstaller", "--noconfirm", "--clean", "--log-level", "ERROR",
                     "--distpath", str(ROOT / "dist"), "--workpath", str(ROOT / "build" / "pyinstaller"),
