@@ -269,3 +269,42 @@ def test_a_file_that_is_not_gguf_is_refused_clearly(tmp_path):
         Engine().load(fake)
     with pytest.raises(ModelError, match="no GGUF file"):
         Engine().load(tmp_path / "missing.gguf")
+
+
+def test_more_requests_than_the_cache_holds_wait_their_turn(gguf_model):
+    from kobold_desktop.engine import LoadOptions
+    from kobold_desktop.engine.llamacpp.core import LlamaCore
+
+    engine = Engine()
+    engine.load(gguf_model["f32"], LoadOptions(context=128))  # 256 KV cells in all
+    model = engine.loaded.model
+    assert model.cells == 256
+    settings = SamplingSettings(max_new_tokens=60, temperature=0, repetition_penalty=1.0)
+    prompts = [p + suffix for p in PROMPTS for suffix in ("", " and")]  # 10 requests of ~65 cells each
+    alone = [engine.generate(p, settings).token_ids for p in prompts]
+    widest = []
+    step = LlamaCore.step
+
+    def counting_step(core):
+        widest.append(len(core.rows))
+        return step(core)
+
+    results = [[] for _ in prompts]
+    from kobold_desktop.engine.sequence import eos_token_ids
+
+    eos = eos_token_ids(model, engine.loaded.tokenizer)  # as `generate` stops, at llama.cpp's end tokens
+    requests = [make_request(None, engine.encode(p), settings, results[i].append, tokenizer=engine.loaded.tokenizer,
+                             eos=eos) for i, p in enumerate(prompts)]
+    LlamaCore.step = counting_step
+    try:
+        engine.run(requests, max_batch=16)
+    finally:
+        LlamaCore.step = step
+    ends = [r[-1] for r in results]
+    assert all(e.finish_reason in ("length", "stop") for e in ends)
+    # batched rows sum in another order than a row alone (another matrix kernel), so a
+    # random model's near-ties may part them late; the start is the same
+    assert [e.token_ids[:16] for e in ends] == [a[:16] for a in alone]
+    assert 1 < max(widest) <= 3  # at most 3 x 65 cells fit in 256: the others joined as rows left
+    assert model.reserved == 0
+    engine.unload()

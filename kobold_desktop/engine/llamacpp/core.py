@@ -38,7 +38,7 @@ class LlamaCore(BaseCore):
         need = sum(_need(seq) for seq in request.rows)
         if not self.rows and need > self.model.cells:
             return True  # alone it still gets its chance (and a clear error if it is too long)
-        return self.model.make_room(need) and len(self.model._free) + len(self.model.prefix_cache) >= len(request.rows)
+        return self.model.make_room(need) and self.model.free_sequences >= len(request.rows)
 
     def add(self, request: Request) -> None:
         if request.cancelled():

@@ -232,6 +232,11 @@ class GgufModel:
         self.lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
         return seq_id
 
+    @property
+    def free_sequences(self) -> int:
+        """Sequence ids free now or held only by stored entries (which can be dropped)."""
+        return len(self._free) + len(self.prefix_cache)
+
     def release(self, seq_id: int) -> None:
         """Free a sequence's cells (those another sequence shares stay) and its id."""
         if self._ctx is not None:
