@@ -81,11 +81,11 @@ def direct(llm) -> dict[str, float]:
     first_story = run(random_ids(STORY, seed=3), 1)[0]
     llm.reset()
     story, waits = random_ids(STORY, seed=4), []
-    for turn in range(TURNS):  # Llama.generate reuses the longest prefix it evaluated last
+    for turn in range(TURNS):  # Llama.generate (reset=True) reuses the longest prefix it evaluated last
         tokens = []
         start = time.perf_counter()
         wait = None
-        for token in llm.generate(story, top_k=1, temp=0.0, repeat_penalty=1.0, reset=False):
+        for token in llm.generate(story, top_k=1, temp=0.0, repeat_penalty=1.0):
             wait = wait if wait is not None else time.perf_counter() - start
             tokens.append(token)
             if len(tokens) == PER_TURN:
