@@ -118,3 +118,11 @@ def test_the_python_api_runs_a_gguf_with_a_prompt_adapter(gguf_model, sea):
     engine.load(gguf_model["f32"])
     want = engine.generate("Once upon", GREEDY, softprompt=engine.prepare_softprompts([sea]))
     assert out[0].outputs[0].token_ids == list(want.token_ids)
+
+
+def test_model_convert_in_the_bundle_says_it_needs_python(gguf_model, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    assert main(["model", "convert", str(gguf_model["dir"]), str(tmp_path / "x.gguf")]) == 2
+    assert "runs from a Python install" in capsys.readouterr().err

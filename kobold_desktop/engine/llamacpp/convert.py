@@ -151,6 +151,9 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", llama_
             log=None) -> Path:
     """Convert a transformers model folder to a GGUF file of `outtype`. Never overwrites
     `out`; a failed conversion leaves nothing behind."""
+    if getattr(sys, "frozen", False):  # the converter is a Python script: it needs a Python
+        raise ModelError("model convert runs from a Python install (pip install 'kobold-desktop[gguf]'), "
+                         "not from the bundle; the bundle loads the GGUF files it writes.")
     model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser()
     outtype = outtype.lower()
     if outtype not in TYPES:
