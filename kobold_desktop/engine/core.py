@@ -160,6 +160,11 @@ class BaseCore(abc.ABC):
             seq.next_position += 1
             seq.logits = logits[i : i + 1]
 
+    def _leaving(self, keep: list[int]) -> list[tuple[int, Sequence]]:
+        """The (index, row) pairs of the rows not in `keep`."""
+        kept = set(keep)
+        return [(index, seq) for index, seq in enumerate(self.rows) if index not in kept]
+
     def fail_all(self, error: BaseException) -> None:
         """The model itself failed: every request hears of it, and the batch is emptied."""
         for seq in self.rows:
@@ -295,12 +300,11 @@ class StepCore(BaseCore):
 
     def _leave(self, keep: list[int]) -> None:
         """Drop the rows not in `keep`, storing their caches for reuse."""
-        if len(keep) == len(self.rows):
-            return
-        kept = set(keep)
-        for index, seq in enumerate(self.rows):
-            if index not in kept:
-                self._store(index, seq)
+        leaving = self._leaving(keep)
+        if not leaving:
+            return  # the common step: every row stays, the batch is untouched
+        for index, seq in leaving:
+            self._store(index, seq)
         if not keep:
             self.rows, self._cache, self._mask = [], None, None
             return

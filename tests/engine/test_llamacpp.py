@@ -43,8 +43,11 @@ def softprompts(gguf_model, tmp_path_factory):
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
     model.save_pretrained(folder / "peft_adapter")
+    from ..softprompt.builders import mkultra_json
+
+    mkultra_json(folder / "old.json", torch.randn(7, 64) * 0.5)  # mkultra's JSON (a pickled tensor, read safely)
     return {"zip": folder / "sea.zip", "forest": folder / "forest.zip", "peft": folder / "peft_adapter",
-            "wide": folder / "wide.zip"}
+            "mkultra": folder / "old.json", "wide": folder / "wide.zip"}
 
 
 def both(engines, prompt, settings=GREEDY, softprompt=None):
@@ -79,7 +82,7 @@ def reference_margin(engine, prompt, softprompt, generated):
     return float(top[0] - top[1])
 
 
-@pytest.mark.parametrize("kind", [None, "zip", "peft"])
+@pytest.mark.parametrize("kind", [None, "zip", "peft", "mkultra"])
 def test_greedy_output_equals_the_transformers_engine(engines, softprompts, kind):
     full = 0
     for prompt in PROMPTS:

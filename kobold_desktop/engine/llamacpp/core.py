@@ -136,13 +136,11 @@ class LlamaCore(BaseCore):
         self._advance(rows, tokens.cpu(), host_ids, logits)
 
     def _leave(self, keep: list[int]) -> None:
-        if len(keep) == len(self.rows):
-            return
-        kept = set(keep)
-        for index, seq in enumerate(self.rows):
-            if index not in kept:
-                self._forget(seq, keep=True)
-        self.rows = [self.rows[i] for i in keep]
+        leaving = self._leaving(keep)
+        for _, seq in leaving:
+            self._forget(seq, keep=True)
+        if leaving:
+            self.rows = [self.rows[i] for i in keep]
 
     def _forget(self, seq: Sequence, keep: bool) -> None:
         """The row has ended: its sequence goes to the prefix cache (or is freed)."""
