@@ -34,14 +34,20 @@ def startup_options(args: argparse.Namespace):
 
 def startup_softprompt(requested: str | None, library: SoftPromptLibrary) -> Path | None:
     if requested:
-        candidate = Path(requested).expanduser()
-        return candidate if candidate.exists() else library.find(requested).path
+        return library.resolve(requested)
     remembered = library.remembered_selection()
     return remembered.path if remembered else None
 
 
 def run_window(args: argparse.Namespace) -> int:
-    from kobold_desktop.qt._qt import QApplication, QTimer
+    from kobold_desktop.qt.display import display_problem
+
+    problem = display_problem()  # before Qt: a missing library would abort the process
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+
+    from kobold_desktop.qt._qt import QApplication, QEventLoop, QTimer
     from kobold_desktop.qt.main_window import MainWindow
     from kobold_desktop.qt.worker import ModelWorker
 
@@ -52,6 +58,7 @@ def run_window(args: argparse.Namespace) -> int:
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName(APP_NAME)
+    app.setQuitOnLastWindowClosed(False)  # the window quits when its jobs have ended (MainWindow.closed)
     settings = Settings()
     library = SoftPromptLibrary(settings=settings)
     try:  # before the window (and its thread) exist, so a bad name exits cleanly
@@ -60,6 +67,10 @@ def run_window(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     window = MainWindow(ModelWorker(), library, settings)
+    window.closed.connect(app.quit)
+    hints = app.styleHints()
+    if hasattr(hints, "colorSchemeChanged"):  # Qt 6.5+: the desktop switched between light and dark
+        hints.colorSchemeChanged.connect(window.follow_system_scheme)
     window.show()
     window.start_session(ask=not getattr(args, "screenshot", None))
     model = startup_model(getattr(args, "model", None), settings)
@@ -80,6 +91,8 @@ def run_window(args: argparse.Namespace) -> int:
         window.statusBar().showMessage("No model yet: choose Model ▸ Load model…")
     app.exec()
     window.close()
+    while not window.idle:  # a job that was running when the app quit: it was asked to stop
+        app.processEvents(QEventLoop.AllEvents, 50)
     return outcome["code"]
 
 

@@ -1,22 +1,21 @@
 """The main window: the story, the input box, and the panels that steer the model.
 
-The window never touches the model. It sends requests to the `ModelWorker`'s thread
-through queued signals and reacts to the signals that come back. Streamed text is
-buffered and drawn at most every 40 ms.
+The window shows a `StorySession` (story/session.py) and what the engine really holds;
+it never touches the model and never waits on the GUI thread. Work goes to runners:
+the model's jobs to `ModelWorker` (one thread owns the model), the server's start and
+stop to `ServerControl`, soft prompt imports to the window's file runner. Story files
+are `StoryFiles`, tuning and mixtures `TuningControl`. Streamed text is buffered and
+drawn at most every 40 ms.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from pathlib import Path
 
-from kobold_desktop import APP_NAME, paths
+from kobold_desktop import APP_NAME
 from kobold_desktop.engine import LoadOptions, SamplingSettings
 from kobold_desktop.engine.generate import GenerationResult
 from kobold_desktop.errors import KoboldError
-from kobold_desktop.fileio import atomic_write_bytes
 from kobold_desktop.qt._qt import (
     QAction,
     QApplication,
@@ -31,50 +30,47 @@ from kobold_desktop.qt._qt import (
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSplitter,
     Qt,
     QtCore,
     QTabWidget,
-    QThread,
     QTimer,
     QVBoxLayout,
     QWidget,
     Signal,
 )
+from kobold_desktop.qt.appearance import Appearance, AppearancePanel, apply_theme, name_controls
 from kobold_desktop.qt.editors import MemoryEditor, SamplerPanel, WorldInfoEditor
+from kobold_desktop.qt.jobs import JobRunner
 from kobold_desktop.qt.model_dialog import ModelDialog
-from kobold_desktop.qt.mixture_dialogs import LearnWeightsDialog, MixtureDialog
+from kobold_desktop.qt.server_control import ServerControl
 from kobold_desktop.qt.softprompt_panel import SoftPromptPanel, StatusLight
+from kobold_desktop.qt.story_files import StoryFiles
 from kobold_desktop.qt.story_view import StoryView
-from kobold_desktop.qt.tune_dialog import TuneDialog, TuneRequest
+from kobold_desktop.qt.tuning_control import TuningControl
 from kobold_desktop.qt.worker import ModelStatus, ModelWorker, SoftPromptStatus
 from kobold_desktop.settings import Settings
 from kobold_desktop.softprompt import peft_dir
 from kobold_desktop.softprompt.library import SoftPromptLibrary
-from kobold_desktop.story import Action, Story
-from kobold_desktop.story.document import MODEL, USER
-from kobold_desktop.story.files import StoryFileError, load_story, read_story, read_world_info, save_story
+from kobold_desktop.story import Story
+from kobold_desktop.story.document import MODEL
+from kobold_desktop.story.session import StorySession
 
 RECENT_LIMIT = 10
 FLUSH_MS = 40
-AUTOSAVE_MS = 1500
 
-
-def _running(pid) -> bool:
-    """Whether another process with this id is alive (ours does not count)."""
-    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _copy(story: Story) -> Story:
-    return Story.from_dict(story.to_dict())
+# Keyboard use: every writing move has a shortcut (shown in the Story menu and in tooltips).
+SHORTCUTS = {
+    "submit": ("Ctrl+Return", "Ctrl+Enter"),
+    "more": ("Ctrl+Shift+Return", "Ctrl+Shift+Enter"),
+    "stop": ("Escape",),
+    "retry": ("Ctrl+R",),
+    "undo": ("Alt+Z",),  # Ctrl+Z stays the text box's own undo
+    "redo": ("Alt+Y", "Alt+Shift+Z"),
+    "load_softprompt": ("Ctrl+L",),
+    "focus": ("F11",),
+}
 
 
 class _DropFilter(QObject):
@@ -97,51 +93,75 @@ class _DropFilter(QObject):
         return False
 
 
+def _import(library: SoftPromptLibrary, candidates: list[Path], refused: list[str]):
+    """On the file runner: validate and copy; the panel shows the result."""
+    imported, rejected = library.import_paths(candidates)
+    return imported, refused + [str(error) for error in rejected]
+
+
 class MainWindow(QMainWindow):
-    request_load = Signal(str, object)
-    request_softprompt = Signal(object)
-    request_generate = Signal(object, object, int)
-    request_tune = Signal(object)
-    request_rank = Signal(object)
     ready = Signal()  # nothing is loading any more (start-up is over)
+    imported = Signal()  # a drop or an import has been handled (the panel shows it)
+    closed = Signal()  # the window has really closed (its jobs have ended)
 
     def __init__(self, worker: ModelWorker, library: SoftPromptLibrary, settings: Settings):
         super().__init__()
         self.worker = worker
         self.library = library
         self.settings = settings
-        self.story = Story()
-        self.story_path: Path | None = None
-        self.redo_stack: list[Action] = []
-        self.generating_index: int | None = None
+        self.session = StorySession()
         self.busy_job: str | None = None
         self.model_status: ModelStatus | None = None
         self.softprompt_status: SoftPromptStatus | None = None
         self.pending_softprompt: Path | None = None
         self.last_result: GenerationResult | None = None
         self.notices: list[tuple[str, str]] = []
-        self.tune_dialog: TuneDialog | None = None
-        self.learn_dialog: LearnWeightsDialog | None = None
-        worker.library_folders = list(library.folders)
-        self.server = None  # a KoboldServer while the local API is running
+        self.importing = False
         self._boxes: list[QMessageBox] = []
-        self._session_open = False  # start_session() sets it; then autosaves record what is open
         self._pending_text = ""
         self._rendering = False
+        self._closing = False
+        self._closed = False
+        worker.library_folders = list(library.folders)
+        self.file_jobs = JobRunner("files", self)  # the disk at length (imports), off the GUI thread
+        self.file_jobs.returned.connect(self._on_imported)
+        self.file_jobs.errored.connect(lambda _job, message: self.notify("Soft prompts", message, error=True))
+        self.file_jobs.finished.connect(self._on_import_finished)
 
-        self.thread = QThread(self)
-        self.thread.setObjectName("model-worker")
-        worker.moveToThread(self.thread)
-        self.thread.start()
-
+        self.files = StoryFiles(self)
+        self.server_control = ServerControl(self)
         self._build_ui()
+        self.tuning = TuningControl(self)
         self._connect_worker()
         self._restore_settings()
         self.setAcceptDrops(True)
         self._drop_filter = _DropFilter(self)
         QApplication.instance().installEventFilter(self._drop_filter)
+        name_controls(self)
         self.update_actions()
         self.update_title()
+
+    # -- the story, as the session holds it ------------------------------------------------
+
+    @property
+    def story(self) -> Story:
+        return self.session.story
+
+    @story.setter
+    def story(self, story: Story) -> None:
+        self.session.story = story
+
+    @property
+    def story_path(self) -> Path | None:
+        return self.files.path
+
+    @story_path.setter
+    def story_path(self, path: Path | None) -> None:
+        self.files.path = path
+
+    @property
+    def server(self):
+        return self.server_control.server
 
     # -- building ------------------------------------------------------------------------
 
@@ -152,6 +172,7 @@ class MainWindow(QMainWindow):
         self.view.paths_dropped.connect(self.handle_dropped_paths)
         self.input = QPlainTextEdit(self)
         self.input.setPlaceholderText("What happens next? (Ctrl+Enter submits; leave empty to let the model go on)")
+        self.input.setAccessibleName("Your next lines")
         self.input.setMaximumHeight(110)
         self.submit_button = QPushButton("Submit", self)
         self.more_button = QPushButton("Generate more", self)
@@ -175,20 +196,33 @@ class MainWindow(QMainWindow):
         self.memory_editor = MemoryEditor(self)
         self.world_info_editor = WorldInfoEditor(self)
         self.sampler_panel = SamplerPanel(self)
+        self.appearance = Appearance.from_dict(self.settings.get("appearance"))
+        self.appearance_panel = AppearancePanel(self.appearance, self)
+        settings_page = QWidget(self)
+        settings_layout = QVBoxLayout(settings_page)
+        settings_layout.addWidget(self.sampler_panel)
+        settings_layout.addWidget(QLabel("<b>Appearance</b>", settings_page))
+        settings_layout.addWidget(self.appearance_panel)
+        settings_layout.addStretch(1)
+        settings_scroll = QScrollArea(self)
+        settings_scroll.setWidgetResizable(True)
+        settings_scroll.setWidget(settings_page)
         self.tabs = QTabWidget(self)
+        self.tabs.setAccessibleName("Side panel")
         self.tabs.addTab(self.softprompt_panel, "Soft prompts")
         self.tabs.addTab(self.memory_editor, "Memory")
         self.tabs.addTab(self.world_info_editor, "World Info")
-        self.tabs.addTab(self.sampler_panel, "Settings")
-        splitter = QSplitter(Qt.Horizontal, self)
-        splitter.addWidget(left)
-        splitter.addWidget(self.tabs)
-        splitter.setStretchFactor(0, 3)
-        splitter.setStretchFactor(1, 2)
-        self.setCentralWidget(splitter)
+        self.tabs.addTab(settings_scroll, "Settings")
+        self.splitter = QSplitter(Qt.Horizontal, self)
+        self.splitter.addWidget(left)
+        self.splitter.addWidget(self.tabs)
+        self.splitter.setStretchFactor(0, 3)
+        self.splitter.setStretchFactor(1, 2)
+        self.setCentralWidget(self.splitter)
 
         self.model_label = QLabel("No model loaded", self)
         self.progress = QProgressBar(self, minimum=0, maximum=100)
+        self.progress.setAccessibleName("Progress")
         self.progress.setMaximumWidth(220)
         self.progress.hide()
         status = self.statusBar()
@@ -202,45 +236,65 @@ class MainWindow(QMainWindow):
         status.addPermanentWidget(self.status_light)
         status.addPermanentWidget(self.model_label)
 
-        self.submit_button.clicked.connect(self.submit)
-        self.more_button.clicked.connect(self.generate_more)
-        self.stop_button.clicked.connect(self.stop)
-        self.retry_button.clicked.connect(self.retry)
-        self.undo_button.clicked.connect(self.undo)
-        self.redo_button.clicked.connect(self.redo)
-        submit_shortcut = QAction(self)
-        submit_shortcut.setShortcuts([QKeySequence("Ctrl+Return"), QKeySequence("Ctrl+Enter")])
-        submit_shortcut.triggered.connect(self.submit)
-        self.addAction(submit_shortcut)
         self.softprompt_panel.load_requested.connect(self.choose_softprompt)
         self.memory_editor.changed.connect(self._story_edited)
         self.world_info_editor.changed.connect(self._story_edited)
         self.sampler_panel.changed.connect(lambda: self._settings_timer.start())
+        self.appearance_panel.changed.connect(self.set_appearance)
+        self.server_control.changed.connect(self.update_server_state)
 
         self._flush_timer = QTimer(self, singleShot=True, interval=FLUSH_MS)
         self._flush_timer.timeout.connect(self.flush_text)
-        self._autosave_timer = QTimer(self, singleShot=True, interval=AUTOSAVE_MS)
-        self._autosave_timer.timeout.connect(self.autosave)
         self._settings_timer = QTimer(self, singleShot=True, interval=500)
         self._settings_timer.timeout.connect(self._save_sampler_settings)
         self._build_menus()
 
     def _build_menus(self) -> None:
+        files = self.files
         menu = self.menuBar().addMenu("&File")
-        self._add(menu, "&New story", self.new_story, QKeySequence.New)
-        self._add(menu, "&Open…", lambda: self.open_story(), QKeySequence.Open)
+        self._add(menu, "&New story", files.new_story, QKeySequence.New)
+        self._add(menu, "&Open…", lambda: files.open_story(), QKeySequence.Open)
         self.recent_stories_menu = menu.addMenu("Open &recent")
-        self._add(menu, "&Save", self.save, QKeySequence.Save)
-        self._add(menu, "Save &as…", lambda: self.save_as(), QKeySequence.SaveAs)
-        self._add(menu, "&Import KoboldAI story…", lambda: self.open_story(import_only=True))
-        self._add(menu, "Import &World Info…", lambda: self.import_world_info())
+        self._add(menu, "&Save", files.save, QKeySequence.Save)
+        self._add(menu, "Save &as…", lambda: files.save_as(), QKeySequence.SaveAs)
+        self._add(menu, "&Import KoboldAI story…", lambda: files.open_story(import_only=True))
+        self._add(menu, "Import &World Info…", lambda: files.import_world_info())
         menu.addSeparator()
         self._add(menu, "&Quit", self.close, QKeySequence.Quit)
+
+        menu = self.menuBar().addMenu("S&tory")
+        self.story_actions = {}
+        for key, text, slot, button in (
+            ("submit", "&Submit", self.submit, self.submit_button),
+            ("more", "Generate &more", self.generate_more, self.more_button),
+            ("stop", "S&top", self.stop, self.stop_button),
+            ("retry", "&Retry", self.retry, self.retry_button),
+            ("undo", "&Undo", self.undo, self.undo_button),
+            ("redo", "Re&do", self.redo, self.redo_button),
+        ):
+            action = self._add(menu, text, slot, [QKeySequence(s) for s in SHORTCUTS[key]])
+            action.setShortcutContext(Qt.WindowShortcut)
+            self.addAction(action)  # works wherever the focus is in the window, menu bar hidden or not
+            button.clicked.connect(action.trigger)
+            button.setToolTip(f"{text.replace('&', '')} ({SHORTCUTS[key][0]})")
+            self.story_actions[key] = action
+
+        menu = self.menuBar().addMenu("&View")
+        self.focus_action = self._add(menu, "&Focus mode (hide the side panel)", self.toggle_focus_mode,
+                                      [QKeySequence(s) for s in SHORTCUTS["focus"]])
+        self.focus_action.setCheckable(True)
+        self.addAction(self.focus_action)
+
         menu = self.menuBar().addMenu("&Model")
         self._add(menu, "&Load model…", self.show_model_dialog)
         self.recent_models_menu = menu.addMenu("&Recent models")
         self._add(menu, "&Unload model", self.unload_model)
         menu = self.menuBar().addMenu("&Soft prompts")
+        self.story_actions["load_softprompt"] = self._add(
+            menu, "&Load the selected soft prompt", self.softprompt_panel.request_load,
+            [QKeySequence(s) for s in SHORTCUTS["load_softprompt"]])
+        self.addAction(self.story_actions["load_softprompt"])
+        self.softprompt_panel.load_button.setToolTip(f"Load the selected soft prompt ({SHORTCUTS['load_softprompt'][0]})")
         self._add(menu, "&Create soft prompt…", self.show_tune_dialog)
         self._add(menu, "&Import soft prompt…", self.import_softprompt_dialog)
         self._add(menu, "&Refresh", self.softprompt_panel.refresh)
@@ -256,24 +310,17 @@ class MainWindow(QMainWindow):
     def _add(self, menu, text, slot, shortcut=None) -> QAction:
         action = menu.addAction(text)
         action.triggered.connect(lambda checked=False: slot())
-        if shortcut is not None:
+        if isinstance(shortcut, list):
+            action.setShortcuts(shortcut)
+        elif shortcut is not None:
             action.setShortcut(shortcut)
         return action
 
     def _connect_worker(self) -> None:
         w = self.worker
-        self.request_load.connect(w.load_model)
-        self.request_softprompt.connect(w.set_softprompt)
-        self.request_generate.connect(w.generate)
-        self.request_tune.connect(w.tune)
-        self.request_rank.connect(w.rank)
-        w.rank_progress.connect(self.on_rank_progress)
-        w.ranked.connect(self.on_ranked)
         w.mixture_weights.connect(self.softprompt_panel.show_live_weights)
-        self.softprompt_panel.new_mixture_requested.connect(self.new_mixture_dialog)
-        self.softprompt_panel.learn_weights_requested.connect(self.show_learn_dialog)
-        w.tune_progress.connect(self.on_tune_progress)
-        w.tuned.connect(self.on_tuned)
+        self.softprompt_panel.new_mixture_requested.connect(self.tuning.new_mixture_dialog)
+        self.softprompt_panel.learn_weights_requested.connect(self.tuning.show_learn_dialog)
         w.started.connect(self.on_started)
         w.progress.connect(self.on_progress)
         w.model_loaded.connect(self.on_model_loaded)
@@ -295,6 +342,7 @@ class MainWindow(QMainWindow):
                 self.sampler_panel.set_settings(SamplingSettings.from_dict(stored), stored.get("context_size"))
             except (KoboldError, TypeError, ValueError):
                 pass  # a bad stored value: keep the defaults
+        self.set_appearance(self.appearance, save=False)
 
     def _save_sampler_settings(self) -> None:
         try:
@@ -304,7 +352,7 @@ class MainWindow(QMainWindow):
         data["context_size"] = self.sampler_panel.context_size.value()
         self.settings.set("sampler", data)
 
-    def _remember(self, key: str, value: str) -> None:
+    def remember(self, key: str, value: str) -> None:
         items = [v for v in self.settings.get(key, []) if v != value]
         self.settings.set(key, [value] + items[: RECENT_LIMIT - 1])
         self._rebuild_recent_menus()
@@ -312,16 +360,47 @@ class MainWindow(QMainWindow):
     def _rebuild_recent_menus(self) -> None:
         self.recent_stories_menu.clear()
         for path in self.settings.get("recent_stories", []):
-            self._add(self.recent_stories_menu, path, lambda p=path: self.open_story(Path(p)))
+            self._add(self.recent_stories_menu, path, lambda p=path: self.files.open_story(Path(p)))
         self.recent_models_menu.clear()
         for source in self.settings.get("recent_models", []):
             self._add(self.recent_models_menu, source, lambda s=source: self.load_model(s))
+
+    # -- appearance ------------------------------------------------------------------------
+
+    def set_appearance(self, appearance: Appearance, save: bool = True) -> None:
+        """Theme, story font and focus mode; remembered across restarts."""
+        previous_scheme = getattr(self, "scheme", None)
+        self.appearance = appearance
+        self.scheme = apply_theme(appearance.theme)
+        self.view.set_scheme(self.scheme)
+        self.view.set_story_font(appearance.font_family, appearance.font_size)
+        self.tabs.setVisible(not appearance.focus_mode)
+        self.focus_action.setChecked(appearance.focus_mode)
+        if self.appearance_panel.appearance() != appearance:
+            self.appearance_panel.set_appearance(appearance)
+        if previous_scheme is not None and previous_scheme != self.scheme and not self.session.generating:
+            self.sync_story()
+            self.show_story()  # the writer's words in the colour of the new theme
+        if save:
+            self.settings.set("appearance", appearance.to_dict())
+
+    def toggle_focus_mode(self) -> None:
+        from dataclasses import replace
+
+        self.set_appearance(replace(self.appearance, focus_mode=not self.appearance.focus_mode))
+        (self.input if self.appearance.focus_mode else self.view).setFocus()
+
+    def follow_system_scheme(self) -> None:
+        if self.appearance.theme == "system":
+            self.set_appearance(self.appearance, save=False)
 
     # -- notices ---------------------------------------------------------------------------
 
     def notify(self, title: str, text: str, error: bool = False) -> None:
         """Tell the user something in a dialog that does not block the window."""
         self.notices.append((title, text))
+        if self._closed:
+            return
         box = QMessageBox(QMessageBox.Warning if error else QMessageBox.Information, title, text,
                           QMessageBox.Ok, self)
         box.setModal(False)
@@ -329,6 +408,10 @@ class MainWindow(QMainWindow):
         self._boxes.append(box)
         box.show()
         self.statusBar().showMessage(text.splitlines()[0], 8000)
+
+    def _ask(self, box: QMessageBox) -> int:
+        """Show a question and return the button chosen (tests answer in its place)."""
+        return box.exec()
 
     def about(self) -> None:
         from kobold_desktop import __version__
@@ -342,16 +425,31 @@ class MainWindow(QMainWindow):
     def generating(self) -> bool:
         return self.busy_job == "generate"
 
+    def begin_job(self, job: str) -> None:
+        """The window is busy from the click on (a second click cannot queue another job)."""
+        if job in ("generate", "tune", "rank"):
+            self.worker.cancel_event.clear()
+        self.busy_job = job
+        self.update_actions()
+
     def update_actions(self) -> None:
         idle = self.busy_job is None
         can_generate = idle and self.model_status is not None
-        self.submit_button.setEnabled(can_generate)
-        self.more_button.setEnabled(can_generate and bool(self.story.text))
-        self.stop_button.setEnabled(self.generating)
-        last = self.story.actions[-1] if self.story.actions else None
-        self.retry_button.setEnabled(can_generate and last is not None and last.source == MODEL)
-        self.undo_button.setEnabled(idle and bool(self.story.actions))
-        self.redo_button.setEnabled(idle and bool(self.redo_stack))
+        session = self.session
+        enabled = {
+            "submit": can_generate,
+            "more": can_generate and session.can_generate_more,
+            "stop": self.generating,
+            "retry": can_generate and session.can_retry,
+            "undo": idle and session.can_undo,
+            "redo": idle and session.can_redo,
+        }
+        buttons = {"submit": self.submit_button, "more": self.more_button, "stop": self.stop_button,
+                   "retry": self.retry_button, "undo": self.undo_button, "redo": self.redo_button}
+        for key, on in enabled.items():
+            buttons[key].setEnabled(on)
+            self.story_actions[key].setEnabled(on)
+        self.story_actions["load_softprompt"].setEnabled(idle and self.model_status is not None)
         self.view.setReadOnly(self.generating)
 
     def update_title(self) -> None:
@@ -360,9 +458,9 @@ class MainWindow(QMainWindow):
 
     def sync_story(self) -> None:
         """Take in the user's edits of the text and the editors."""
-        self.story = self.view.to_story(self.story)
-        self.memory_editor.apply(self.story)
-        self.world_info_editor.apply(self.story)
+        self.session.story = self.view.to_story(self.session.story)
+        self.memory_editor.apply(self.session.story)
+        self.world_info_editor.apply(self.session.story)
 
     def show_story(self) -> None:
         self._rendering = True
@@ -378,7 +476,7 @@ class MainWindow(QMainWindow):
     def _story_edited(self) -> None:
         if self._rendering or self.generating:
             return
-        self._autosave_timer.start()
+        self.files.autosave_timer.start()
         QTimer.singleShot(0, self.update_actions)
 
     # -- writing ---------------------------------------------------------------------------
@@ -387,45 +485,41 @@ class MainWindow(QMainWindow):
         if not self.submit_button.isEnabled():
             return
         self.sync_story()
-        text = self.input.toPlainText()
-        if text:
-            if not self.story.text:
-                self.story.prompt = text
-            else:
-                if not self.story.text[-1].isspace() and not text[0].isspace() and text[0].isalnum():
-                    text = " " + text  # keep words apart, as KoboldAI does
-                self.story.actions.append(Action(text, USER))
-            self.redo_stack.clear()
+        if self.session.add_user_text(self.input.toPlainText()):
             self.input.clear()
             self.show_story()
-            self._autosave_timer.stop()
-            self.autosave()  # what was just written is on disk before the model starts
+            self.files.save_now()  # what was just written is on disk before the model starts
         self.start_generation()
 
     def generate_more(self) -> None:
+        if not self.more_button.isEnabled():
+            return
         self.sync_story()
         self.start_generation()
 
     def retry(self) -> None:
+        if not self.retry_button.isEnabled():
+            return
         self.sync_story()
-        if self.story.actions and self.story.actions[-1].source == MODEL:
-            self.story.actions.pop()
+        if self.session.drop_last_model_action():
             self.show_story()
         self.start_generation()
 
     def undo(self) -> None:
+        if self.busy_job is not None:
+            return
         self.sync_story()
-        if self.story.actions:
-            self.redo_stack.append(self.story.actions.pop())
+        if self.session.undo():
             self.show_story()
-            self._autosave_timer.start()
+            self.files.autosave_timer.start()
 
     def redo(self) -> None:
+        if self.busy_job is not None:
+            return
         self.sync_story()
-        if self.redo_stack:
-            self.story.actions.append(self.redo_stack.pop())
+        if self.session.redo():
             self.show_story()
-            self._autosave_timer.start()
+            self.files.autosave_timer.start()
 
     def stop(self) -> None:
         self.worker.cancel_event.set()
@@ -441,13 +535,9 @@ class MainWindow(QMainWindow):
         except KoboldError as exc:
             self.notify("Settings", str(exc), error=True)
             return
-        request = _copy(self.story)
-        self.story.actions.append(Action("", MODEL))
-        self.generating_index = len(self.story.actions) - 1
-        self.worker.cancel_event.clear()
-        self.busy_job = "generate"  # set now, so a second click cannot queue another
-        self.update_actions()
-        self.request_generate.emit(request, settings, self.sampler_panel.context_size.value())
+        turn = self.session.begin_turn()
+        self.begin_job("generate")
+        self.worker.generate(turn.story, settings, self.sampler_panel.context_size.value())
 
     def on_chunk(self, text: str) -> None:
         self._pending_text += text
@@ -455,25 +545,23 @@ class MainWindow(QMainWindow):
             self._flush_timer.start()
 
     def flush_text(self) -> None:
-        if not self._pending_text or self.generating_index is None:
+        self._flush_timer.stop()
+        turn = self.session.turn
+        if not self._pending_text or turn is None:
             return
         text, self._pending_text = self._pending_text, ""
-        self.story.actions[self.generating_index].text += text
+        self.session.add_text(text)
         self._rendering = True
         try:
-            self.view.append_piece(self.generating_index, MODEL, text)
+            self.view.append_piece(turn.index, MODEL, text)
         finally:
             self._rendering = False
 
     def on_generation_done(self, result: GenerationResult) -> None:
-        self._flush_timer.stop()
         self.flush_text()
         self.last_result = result
-        if self.generating_index is not None:
-            action = self.story.actions[self.generating_index]
-            if action.text != result.text:  # the stream and the result always agree; be safe
-                action.text = result.text
-                self.show_story()
+        if self.session.settle(result.text):  # the stream and the result always agree; be safe
+            self.show_story()
         verb = {"cancelled": "Stopped", "stop": "Done (stop sequence)", "length": "Done"}[result.finish_reason]
         self.statusBar().showMessage(
             f"{verb}: {result.generated_tokens} tokens in {result.seconds:.1f} s "
@@ -486,8 +574,8 @@ class MainWindow(QMainWindow):
 
     def on_started(self, job: str) -> None:
         self.busy_job = job
-        if job in ("load", "softprompt"):
-            self.progress.setRange(0, 0 if job == "softprompt" else 100)
+        if job in ("load", "softprompt", "unload"):
+            self.progress.setRange(0, 100 if job == "load" else 0)
             self.progress.setValue(0)
             self.progress.show()
         self.update_actions()
@@ -497,37 +585,36 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(message)
 
     def on_finished(self, job: str) -> None:
-        self.busy_job = None
-        self.progress.hide()
-        if job == "tune" and self.tune_dialog is not None:
-            self.tune_dialog.set_running(False)
-        if job == "rank" and self.learn_dialog is not None:
-            self.learn_dialog.set_running(False)
+        if not self.worker.busy:
+            self.busy_job = None
+            self.progress.hide()
         if job == "generate":
-            self._flush_timer.stop()
             self.flush_text()
-            if self.generating_index is not None and self.generating_index < len(self.story.actions):
-                if not self.story.actions[self.generating_index].text:
-                    del self.story.actions[self.generating_index]
-            self.generating_index = None
-            self._autosave_timer.stop()
-            self.autosave()
+            self.session.end_turn()
+            self.files.save_now()
         if job == "load" and self.model_status is not None and self.pending_softprompt is not None:
             path, self.pending_softprompt = self.pending_softprompt, None
-            self.request_softprompt.emit(path)
-            self.busy_job = "softprompt"
+            self.begin_job("softprompt")
+            self.worker.set_softprompt(path)
+        self.pending_softprompt = None if job == "load" else self.pending_softprompt
         self.update_actions()
         if self.busy_job is None:
             self.ready.emit()
+            self._close_when_idle()
 
-    def on_model_loaded(self, status: ModelStatus) -> None:
+    def on_model_loaded(self, status: ModelStatus | None) -> None:
+        """What the engine holds after a load or an unload, whether or not it went well."""
         self.model_status = status
+        if status is None:
+            self.model_label.setText("No model loaded")
+            self.softprompt_panel.set_model(None, None)
+            return
         self.model_label.setText(
             f"{status.name} · {status.device} · {status.dtype} · context {status.context_length}")
         self.softprompt_panel.set_model(status.hidden_size, status.name)
         self.sampler_panel.context_size.setMaximum(status.context_length)
         self.settings.set("model.last", status.source)
-        self._remember("recent_models", status.source)
+        self.remember("recent_models", status.source)
         self.statusBar().showMessage(f"Loaded {status.name}", 5000)
 
     def on_softprompt_changed(self, status: SoftPromptStatus | None) -> None:
@@ -547,148 +634,45 @@ class MainWindow(QMainWindow):
             if source:
                 self.load_model(source, options)
 
-    def load_model(self, source: str, options: LoadOptions = LoadOptions(), softprompt: Path | None = None) -> None:
+    def _refuse_when_busy(self) -> bool:
         if self.busy_job is not None:
             self.notify("Busy", "Wait until the model has finished its current job.", error=True)
+            return True
+        return False
+
+    def load_model(self, source: str, options: LoadOptions = LoadOptions(), softprompt: Path | None = None) -> None:
+        if self._refuse_when_busy():
             return
-        self.stop_server()  # it serves the model being replaced
         self.pending_softprompt = softprompt
-        self.busy_job = "load"
-        self.update_actions()
-        self.request_load.emit(source, options)
+        self.begin_job("load")
+        # The server serves the model being replaced: it stops first, off this thread.
+        self.server_control.stop(then=lambda: self.worker.load_model(source, options))
 
     def unload_model(self) -> None:
-        if self.busy_job is None and self.model_status is not None:
-            self.stop_server()
-            self.worker.engine.unload()  # the worker is idle, so nothing is using the model
-            self.model_status = None
-            self.model_label.setText("No model loaded")
-            self.softprompt_panel.set_model(None, None)
-            self.on_softprompt_changed(None)
-            self.update_actions()
+        if self.model_status is None or self._refuse_when_busy():
+            return
+        self.begin_job("unload")
+        self.server_control.stop(then=self.worker.unload)
 
     def choose_softprompt(self, path: Path | None) -> None:
         if self.model_status is None:
             self.notify("No model", "Load a model before loading a soft prompt.", error=True)
             return
-        if self.busy_job is not None:
-            self.notify("Busy", "Wait until the model has finished its current job.", error=True)
+        if self._refuse_when_busy():
             return
-        entry = self.library.find(path) if path else None
-        self.library.remember_selection(entry)
-        self.busy_job = "softprompt"
-        self.update_actions()
-        self.request_softprompt.emit(path)
-
-    def show_tune_dialog(self) -> TuneDialog:
-        if self.tune_dialog is None:
-            self.tune_dialog = TuneDialog(self)
-            self.tune_dialog.start_requested.connect(self.start_tuning)
-            self.tune_dialog.cancel_requested.connect(self.stop)
-        self.tune_dialog.show()
-        self.tune_dialog.raise_()
-        return self.tune_dialog
-
-    def start_tuning(self, request: TuneRequest) -> None:
-        if self.model_status is None or self.busy_job is not None:
-            message = "Load a model first." if self.model_status is None else "Wait until the model is free."
-            self.tune_dialog.finish(message)
-            return
-        self.worker.cancel_event.clear()
-        self.busy_job = "tune"
-        self.update_actions()
-        self.request_tune.emit(request)
-
-    def on_tune_progress(self, progress) -> None:
-        if self.tune_dialog is not None:
-            self.tune_dialog.show_progress(progress)
-
-    def on_tuned(self, path: Path | None, result) -> None:
-        if path is None:
-            message = (f"Cancelled at step {result.steps_done}. Start again with the same settings to go on "
-                       "from there.")
-        elif path.suffix == ".json":  # a mixture: its members and the mixture file
-            losses = ""
-            if result.mixture_held_out_loss is not None:
-                losses = (f" Held-out loss {result.mixture_held_out_loss:.3f} with the mixture, "
-                          f"{result.baseline_held_out_loss:.3f} without a soft prompt.")
-            message = (f"Created the mixture {path.name} of {len(result.tensors)} soft prompts (weights "
-                       f"{', '.join(f'{w:.0%}' for w in result.weights)}); it is selected, ready to Load.{losses}")
-            self.softprompt_panel.refresh()
-            self.softprompt_panel.select(path)
-            self.tabs.setCurrentWidget(self.softprompt_panel)
-        else:
-            change = ""
-            if result.held_out_loss is not None and result.baseline_held_out_loss:
-                change = (f" Held-out loss {result.held_out_loss:.3f} with it, "
-                          f"{result.baseline_held_out_loss:.3f} without.")
-            message = f"Created {path.name}; it is selected in the Soft prompts panel, ready to Load.{change}"
-            self.softprompt_panel.refresh()
-            self.softprompt_panel.select(path)
-            self.tabs.setCurrentWidget(self.softprompt_panel)
-        if self.tune_dialog is not None:
-            self.tune_dialog.finish(message)
-        self.statusBar().showMessage(message, 10000)
-
-    # -- mixtures ---------------------------------------------------------------------------------
-
-    def new_mixture_dialog(self) -> MixtureDialog | None:
-        entries = self.softprompt_panel.softprompt_entries()
-        if not entries:
-            self.notify("No soft prompts", "A mixture is made of soft prompts that fit the loaded model; "
-                                           "add some first.", error=True)
-            return None
-        dialog = MixtureDialog(entries, self)
-        dialog.accepted.connect(lambda: self.save_mixture(dialog.mixture()))
-        dialog.open()
-        return dialog
-
-    def save_mixture(self, mixture) -> Path | None:
-        """Write a mixture into the user's soft prompt folder (a new name, never over a file)."""
-        from kobold_desktop.softprompt.mixture import write_mixture
-
         try:
-            path = write_mixture(self.library.free_path(mixture.name, ".json"), mixture)
-        except KoboldError as exc:
-            self.notify("Mixture not saved", str(exc), error=True)
-            return None
-        self.softprompt_panel.refresh()
-        self.softprompt_panel.select(path)
-        self.tabs.setCurrentWidget(self.softprompt_panel)
-        self.statusBar().showMessage(f"Saved the mixture {path.name}; Load it to write with it.", 10000)
-        return path
+            entry = self.library.find(path) if path else None
+        except KoboldError:
+            entry = None
+        self.library.remember_selection(entry)
+        self.begin_job("softprompt")
+        self.worker.set_softprompt(path)
 
-    def show_learn_dialog(self) -> LearnWeightsDialog | None:
-        entries = self.softprompt_panel.softprompt_entries()
-        if self.model_status is None or not entries:
-            self.notify("Learn weights", "Load a model and add soft prompts that fit it first.", error=True)
-            return None
-        self.sync_story()
-        if self.learn_dialog is not None:
-            self.learn_dialog.close()
-        self.learn_dialog = LearnWeightsDialog(entries, self.story.text, self)
-        self.learn_dialog.start_requested.connect(self.start_ranking)
-        self.learn_dialog.cancel_requested.connect(self.stop)
-        self.learn_dialog.save_requested.connect(self.save_mixture)
-        self.learn_dialog.show()
-        return self.learn_dialog
+    def show_tune_dialog(self):
+        return self.tuning.show_tune_dialog()
 
-    def start_ranking(self, request) -> None:
-        if self.model_status is None or self.busy_job is not None:
-            self.learn_dialog.finish("Load a model first." if self.model_status is None else "Wait until the model is free.")
-            return
-        self.worker.cancel_event.clear()
-        self.busy_job = "rank"
-        self.update_actions()
-        self.request_rank.emit(request)
-
-    def on_rank_progress(self, fraction: float, what: str) -> None:
-        if self.learn_dialog is not None:
-            self.learn_dialog.show_progress(fraction, what)
-
-    def on_ranked(self, ranking) -> None:
-        if self.learn_dialog is not None:
-            self.learn_dialog.show_ranking(ranking)
+    def show_learn_dialog(self):
+        return self.tuning.show_learn_dialog()
 
     def import_softprompt_dialog(self) -> None:
         files, _ = QFileDialog.getOpenFileNames(self, "Import soft prompts", "",
@@ -697,8 +681,8 @@ class MainWindow(QMainWindow):
             self.handle_dropped_paths([Path(f) for f in files])
 
     def handle_dropped_paths(self, dropped: list[Path]) -> None:
-        """Validate each dropped file, copy the good ones into the user's folder, explain the rest.
-        A dropped GGUF file is a model: it is loaded."""
+        """Validate each dropped file and copy the good ones into the user's folder, off the
+        GUI thread; then explain what was refused. A dropped GGUF file is a model: it is loaded."""
         candidates, refused = [], []
         models = [path for path in dropped if path.is_file() and path.suffix.lower() == ".gguf"]
         for path in dropped:
@@ -708,8 +692,19 @@ class MainWindow(QMainWindow):
                 candidates.append(path)
             else:
                 refused.append(f"{path.name}: not a soft prompt; drop KoboldAI .zip files or PEFT adapter folders.")
-        imported, rejected = self.library.import_paths(candidates)
-        refused += [str(error) for error in rejected]
+        if candidates or refused:
+            self.importing = True
+            if candidates:
+                self.statusBar().showMessage(f"Importing {len(candidates)} soft prompt"
+                                             f"{'s' if len(candidates) != 1 else ''}…")
+            self.file_jobs.submit("import", _import, self.library, candidates, refused)
+        if models:
+            if len(models) > 1:
+                self.notify("Models", f"Dropped {len(models)} GGUF files; loading {models[-1].name}.")
+            self.load_model(str(models[-1]))
+
+    def _on_imported(self, _job: str, value) -> None:
+        imported, refused = value
         self.softprompt_panel.refresh()
         if imported:
             self.softprompt_panel.select(imported[-1].path)
@@ -719,265 +714,86 @@ class MainWindow(QMainWindow):
         lines += [f"Refused {reason}" for reason in refused]
         if lines:
             self.notify("Soft prompts", "\n".join(lines), error=bool(refused))
-        if models:
-            if len(models) > 1:
-                self.notify("Models", f"Dropped {len(models)} GGUF files; loading {models[-1].name}.")
-            self.load_model(str(models[-1]))
 
-    # -- story files -----------------------------------------------------------------------------
+    def _on_import_finished(self, _job: str) -> None:
+        if not self.file_jobs.busy:
+            self.importing = False
+            self.imported.emit()
+            self._close_when_idle()
 
-    def _has_unsaved_work(self) -> bool:
-        """An untitled story with something in it. (A story with a file is autosaved into
-        that file; only its last moments can be pending, and those are flushed.)"""
-        self.sync_story()
-        story = self.story
-        return bool(story.text or story.memory or story.authors_note or story.world_info)
-
-    def _ask(self, box: QMessageBox) -> int:
-        """Show a question and return the button chosen (tests answer in its place)."""
-        return box.exec()
-
-    def confirm_replace(self) -> bool:
-        """Before New or Open replaces the story: keep the work, or ask. True to go on."""
-        if self.story_path is not None:
-            self._autosave_timer.stop()
-            self.autosave()
-            return True
-        if not self._has_unsaved_work():
-            return True
-        box = QMessageBox(QMessageBox.Warning, "Unsaved story",
-                          "This story has not been saved to a file. Save it before going on?",
-                          QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel, self)
-        box.setDefaultButton(QMessageBox.Save)
-        choice = self._ask(box)
-        if choice == QMessageBox.Save:
-            return self.save()
-        return choice == QMessageBox.Discard
+    # -- story files (StoryFiles) ----------------------------------------------------------------
 
     def new_story(self) -> None:
-        if self.generating or not self.confirm_replace():
-            return
-        self.story, self.story_path, self.redo_stack = Story(), None, []
-        self.show_story()
+        self.files.new_story()
 
     def open_story(self, path: Path | None = None, import_only: bool = False) -> None:
-        if self.generating:
-            return
-        if path is None:
-            title = "Import a KoboldAI story" if import_only else "Open a story"
-            chosen, _ = QFileDialog.getOpenFileName(self, title, "", "Stories (*.json);;All files (*)")
-            if not chosen:
-                return
-            path = Path(chosen)
-        try:
-            story, native, notices = read_story(path)  # read and checked whole, before anything is replaced
-        except StoryFileError as exc:
-            self.notify("Cannot open the story", str(exc), error=True)
-            return
-        if not self.confirm_replace():
-            return
-        if notices:
-            self.notify("Imported", "\n".join(notices))
-        is_ours = native and not import_only
-        self.story, self.redo_stack = story, []
-        self.story_path = path if is_ours else None  # an imported story is saved in our format, elsewhere
-        if is_ours:
-            self._remember("recent_stories", str(path))
-        self.show_story()
+        self.files.open_story(path, import_only)
 
     def save(self) -> bool:
-        if self.story_path is None:
-            return self.save_as()
-        return self._write(self.story_path)
+        return self.files.save()
 
     def save_as(self, path: Path | None = None) -> bool:
-        if path is None:
-            chosen, _ = QFileDialog.getSaveFileName(self, "Save story", self.story.title or "story.json",
-                                                    "Stories (*.json)")
-            if not chosen:
-                return False
-            path = Path(chosen)
-        if path.suffix.lower() != ".json":
-            path = path.with_suffix(".json")
-        if self._write(path):
-            self.story_path = path
-            self._remember("recent_stories", str(path))
-            self.update_title()
-            return True
-        return False
-
-    def _write(self, path: Path) -> bool:
-        if not self.generating:
-            self.sync_story()
-        try:
-            save_story(self.story, path)
-        except StoryFileError as exc:
-            self.notify("Cannot save the story", str(exc), error=True)
-            return False
-        self.statusBar().showMessage(f"Saved {path.name}", 4000)
-        return True
-
-    def autosave_path(self) -> Path:
-        return self.story_path or paths.user_data_dir() / "autosave.json"
+        return self.files.save_as(path)
 
     def autosave(self) -> None:
-        """Save to the story's file (or the autosave file) after every change."""
-        if self.generating:
-            return
-        self.sync_story()
-        self._save_to(self.story)
-
-    def _save_to(self, story: Story) -> None:
-        path = self.autosave_path()
-        try:
-            save_story(story, path)
-        except StoryFileError as exc:
-            self.statusBar().showMessage(f"Autosave failed: {exc}", 10000)
-            return
-        if self._session_open:
-            self._write_session_marker(path)
-
-    def save_streamed(self) -> None:
-        """Save the story with the text streamed so far (closing while the model writes)."""
-        self._flush_timer.stop()
-        self.flush_text()
-        story = _copy(self.story)
-        if story.actions and not story.actions[-1].text:
-            story.actions.pop()
-        self._save_to(story)
-
-    # A file that exists while the window is open: found at start, it means a crash.
-    def _session_marker(self) -> Path:
-        return paths.user_data_dir() / "session.json"
-
-    def _write_session_marker(self, story_file: Path) -> None:
-        try:
-            atomic_write_bytes(self._session_marker(),
-                               json.dumps({"story": str(story_file), "pid": os.getpid()}).encode("utf-8"))
-        except OSError:
-            pass  # recovery is a convenience; writing never fails for want of it
+        self.files.autosave()
 
     def start_session(self, ask: bool = True) -> None:
-        """Restore the last untitled story as the app left it; after a crash, offer the
-        story that was open then (`ask=False`: restore without asking)."""
-        marker = self._session_marker()
-        autosave = paths.user_data_dir() / "autosave.json"
-        previous = None
-        if marker.is_file():
-            try:
-                recorded = json.loads(marker.read_text(encoding="utf-8"))
-                previous = Path(recorded["story"])
-                if _running(recorded.get("pid")):
-                    previous = None  # another Kobold Desktop is open, not crashed
-            except (OSError, ValueError, KeyError, TypeError):
-                previous = autosave
-        self._session_open = True
-        if previous is not None and previous.is_file():
-            restore = True
-            if ask:
-                box = QMessageBox(QMessageBox.Question, "Restore your story?",
-                                  f"Kobold Desktop did not close properly last time. Restore “{previous.stem}” "
-                                  "as it was last saved?", QMessageBox.Yes | QMessageBox.No, self)
-                box.setDefaultButton(QMessageBox.Yes)
-                restore = self._ask(box) == QMessageBox.Yes
-            if restore:
-                self._open_recovered(previous, autosave)
-            elif previous == autosave:  # keep it, out of the way: nothing is ever thrown away
-                autosave.replace(autosave.with_name(f"autosave-{time.strftime('%Y%m%d-%H%M%S')}.json"))
-        elif autosave.is_file():
-            self._open_recovered(autosave, autosave)
-        self._write_session_marker(self.autosave_path())
-
-    def _open_recovered(self, path: Path, autosave: Path) -> None:
-        try:
-            self.story = load_story(path)
-        except StoryFileError:
-            return
-        self.story_path = None if path == autosave else path
-        self.show_story()
-
-    def end_session(self) -> None:
-        self._session_open = False
-        self._session_marker().unlink(missing_ok=True)
+        self.files.start_session(ask)
 
     def import_world_info(self, path: Path | None = None) -> None:
-        """Add World Info entries from a SillyTavern, KoboldAI Lite or KoboldAI file."""
-        if path is None:
-            chosen, _ = QFileDialog.getOpenFileName(self, "Import World Info", "", "World Info (*.json);;All files (*)")
-            if not chosen:
-                return
-            path = Path(chosen)
-        try:
-            entries = read_world_info(path)
-        except StoryFileError as exc:
-            self.notify("Cannot import World Info", str(exc), error=True)
-            return
-        self.sync_story()
-        self.story.world_info.extend(entries)
-        self.show_story()
-        self.autosave()
-        self.statusBar().showMessage(f"Imported {len(entries)} World Info entries from {path.name}", 6000)
+        self.files.import_world_info(path)
 
-    # -- the local API server ------------------------------------------------------------------
+    # -- the local API server (ServerControl) ------------------------------------------------------
 
-    def start_server(self, port: int | None = None) -> str | None:
+    def start_server(self, port: int | None = None) -> bool:
         """Serve the loaded model and every soft prompt that fits it (OpenAI and KoboldAI
-        APIs on 127.0.0.1). The server shares the model with the window, taking turns."""
-        from kobold_desktop.server.config import ServeConfig
-        from kobold_desktop.server.http import KoboldServer
-        from kobold_desktop.server.service import Service
-
-        if self.server is not None:
-            return self.server.url
-        if self.model_status is None:
-            self.notify("No model", "Load a model before starting the server.", error=True)
-            return None
-        config = ServeConfig(max_prompt_adapters=256)
-        adapters: dict[str, str] = {}
-        for entry in self.library.refresh():
-            fits = entry.compatibility(self.model_status.hidden_size).ok
-            if fits and entry.n_tokens <= config.max_prompt_adapter_token:
-                name, counter = entry.name, 2
-                while name in adapters or name == self.model_status.name:
-                    name, counter = f"{entry.name} ({counter})", counter + 1
-                adapters[name] = str(entry.path)
-        config.prompt_adapters = adapters
-        port = port if port is not None else int(self.settings.get("server.port", 2242))
-        service = None
-        try:
-            service = Service(self.worker.engine, config)
-            self.server = KoboldServer(service, config.host, port).start()
-        except (OSError, KoboldError) as exc:
-            if service is not None:
-                service.close()
-            self.notify("Cannot start the server", f"{exc}", error=True)
-            return None
-        self.server_start_action.setEnabled(False)
-        self.server_stop_action.setEnabled(True)
-        self.server_label.setText(f"Server: {self.server.url}")
-        self.server_label.show()
-        self.notify("Server running", f"OpenAI API: {self.server.url}/v1\nKoboldAI API: {self.server.url}/api\n"
-                    f"Models: {', '.join([self.model_status.name, *adapters])}")
-        return self.server.url
+        APIs on 127.0.0.1), sharing the model with the window. Returns at once."""
+        return self.server_control.start(port)
 
     def stop_server(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-        self.server_start_action.setEnabled(True)
-        self.server_stop_action.setEnabled(False)
-        self.server_label.hide()
+        self.server_control.stop()
+
+    def update_server_state(self) -> None:
+        control = self.server_control
+        state = control.state
+        self.server_start_action.setEnabled(state == "stopped")
+        self.server_stop_action.setEnabled(state == "running")
+        text = {"starting": "Server: starting…", "stopping": "Server: stopping…",
+                "running": f"Server: {control.url}"}.get(state)
+        self.server_label.setText(text or "")
+        self.server_label.setVisible(text is not None)
+        self._close_when_idle()
+
+    # -- closing -----------------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return (not self.worker.busy and not self.file_jobs.busy and self.server_control.state == "stopped"
+                and self.server_control.idle)
 
     def closeEvent(self, event) -> None:
-        self.stop_server()
-        self.worker.cancel_event.set()
-        if self.generating:
-            self.save_streamed()
-        else:
-            self.autosave()
-        self.end_session()
-        QApplication.instance().removeEventFilter(self._drop_filter)
-        self.thread.quit()
-        self.thread.wait(30_000)
+        """Save at once, then end every job off the GUI thread: the window disappears now and
+        closes for good when the model's thread, the server and the imports are done."""
+        if not self._closing:
+            self._closing = True
+            self.worker.cancel_event.set()
+            if self.generating:
+                self.files.save_streamed()
+            else:
+                self.files.autosave()
+            self.files.end_session()
+            self.server_control.stop()
+        if not self.idle:
+            event.ignore()
+            self.hide()
+            return
+        if not self._closed:
+            self._closed = True
+            QApplication.instance().removeEventFilter(self._drop_filter)
+            self.closed.emit()
         super().closeEvent(event)
 
+    def _close_when_idle(self) -> None:
+        if self._closing and not self._closed and self.idle:
+            self.close()

@@ -24,7 +24,7 @@ from kobold_desktop.qt._qt import (
     Signal,
 )
 from kobold_desktop.qt.worker import SoftPromptStatus
-from kobold_desktop.softprompt.library import LibraryEntry, SoftPromptLibrary
+from kobold_desktop.softprompt.library import LibraryEntry, SoftPromptLibrary, same_file
 
 NONE_TEXT = "[None]"
 ENTRY_ROLE = Qt.UserRole + 1
@@ -89,13 +89,16 @@ class SoftPromptPanel(QWidget):
         self.model_name: str | None = None
         self.active_paths: tuple[Path, ...] = ()
         self.light_status: SoftPromptStatus | None = None
+        self.outside: LibraryEntry | None = None  # the active soft prompt, when it is not in a library folder
 
         self.light = StatusLight(self)
         self.list = QListWidget(self)
+        self.list.setAccessibleName("Soft prompts")
         self.list.setAlternatingRowColors(True)
         self.list.setWordWrap(True)
         self.list.setSpacing(3)
         self.details = QLabel(self)
+        self.details.setAccessibleName("Soft prompt details")
         self.details.setWordWrap(True)
         self.details.setTextFormat(Qt.PlainText)
         self.live_weights = QLabel(self)  # a bayes mixture's member weights while text streams
@@ -149,7 +152,8 @@ class SoftPromptPanel(QWidget):
     def item_for(self, path: Path | None) -> QListWidgetItem | None:
         for row in range(self.list.count()):
             entry = self.list.item(row).data(ENTRY_ROLE)
-            if (entry is None and path is None) or (entry is not None and path is not None and entry.path == path):
+            if (entry is None and path is None) or (entry is not None and path is not None
+                                                    and same_file(entry.path, Path(path))):
                 return self.list.item(row)
         return None
 
@@ -165,6 +169,12 @@ class SoftPromptPanel(QWidget):
         none_item = QListWidgetItem(NONE_TEXT)
         none_item.setData(ENTRY_ROLE, None)
         self.list.addItem(none_item)
+        if self.outside is not None:
+            item = self._item(self.outside)
+            item.setText(item.text() + f"\nloaded from {self.outside.path.parent}")
+            item.setToolTip(f"{self.outside.path}\nNot in your soft prompt folder: drop it on the window to add it."
+                            + (f"\n{item.toolTip()}" if item.toolTip() else ""))
+            self.list.addItem(item)
         for entry in entries:
             self.list.addItem(self._item(entry))
         self._mark_active()
@@ -273,8 +283,15 @@ class SoftPromptPanel(QWidget):
         self.live_weights.hide()
         self.active_paths = status.paths if status else ()
         self.light.set_status(status)
+        first = self.active_paths[0] if self.active_paths else None
+        outside = None
+        if first is not None and not any(same_file(e.path, first) for e in self.library.entries):
+            outside = self.library.entry_for(first)  # loaded by path (--softprompt some/file.zip)
+        if outside != self.outside or (outside is None and first is not None and self.item_for(first) is None):
+            self.outside = outside
+            self.refresh()
         self._mark_active()
-        self.select(self.active_paths[0] if self.active_paths else None)
+        self.select(first)
         self._update_details()
 
     def _mark_active(self) -> None:
@@ -283,7 +300,8 @@ class SoftPromptPanel(QWidget):
             item = self.list.item(row)
             entry = item.data(ENTRY_ROLE)
             marked = self.active_paths[:1] if self.light_status and self.light_status.is_mixture else self.active_paths
-            active = entry.path in marked if entry is not None else not self.active_paths
+            active = (any(same_file(entry.path, p) for p in marked) if entry is not None
+                      else not self.active_paths)
             font = item.font()
             font.setBold(active)
             item.setFont(font)

@@ -24,7 +24,9 @@ from kobold_desktop.story.document import MODEL, USER
 ACTION_PROPERTY = QTextFormat.UserProperty + 1  # -1 for the prompt, else the action index
 SOURCE_PROPERTY = QTextFormat.UserProperty + 2
 PROMPT_INDEX = -1
-USER_COLOR = QColor("#1d4f91")
+# The writer's words stand out from the model's: blue on a light page, light blue on a dark one.
+USER_COLORS = {"light": QColor("#1d4f91"), "dark": QColor("#8ab4f8")}
+DEFAULT_FONT = ("Georgia", 13)
 
 
 class StoryView(QTextEdit):
@@ -33,24 +35,32 @@ class StoryView(QTextEdit):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.setAcceptRichText(False)
-        font = QFont("Georgia")
-        font.setStyleHint(QFont.Serif)
-        font.setPointSize(13)
-        self.setFont(font)
+        self.user_color = USER_COLORS["light"]
+        self.set_story_font(*DEFAULT_FONT)
         self.setPlaceholderText("Type the beginning of your story below and press Submit.")
+        self.setAccessibleName("Story")
+
+    def set_story_font(self, family: str, size: int) -> None:
+        font = QFont(family)
+        font.setStyleHint(QFont.Serif)
+        font.setPointSize(size)
+        self.setFont(font)
+        self.document().setDefaultFont(font)
+
+    def set_scheme(self, scheme: str) -> None:
+        """"light" or "dark": the writer's colour for the text shown from now on."""
+        self.user_color = USER_COLORS[scheme]
 
     # -- showing ---------------------------------------------------------------------
 
-    @staticmethod
-    def piece_format(index: int, source: str) -> QTextCharFormat:
+    def piece_format(self, index: int, source: str) -> QTextCharFormat:
         fmt = QTextCharFormat()
         fmt.setProperty(ACTION_PROPERTY, index)
         fmt.setProperty(SOURCE_PROPERTY, source)
         if source == USER:
-            fmt.setForeground(USER_COLOR)
+            fmt.setForeground(self.user_color)
             fmt.setFontWeight(QFont.DemiBold)
-        else:
-            fmt.setForeground(QColor(_palette_text_color()))
+        # the model's text has no colour of its own: it is the palette's, light or dark
         return fmt
 
     def show_story(self, story: Story) -> None:
@@ -132,9 +142,3 @@ class StoryView(QTextEdit):
         else:
             super().dropEvent(event)
 
-
-def _palette_text_color() -> str:
-    """The palette's text colour (follows a dark theme)."""
-    from kobold_desktop.qt._qt import QApplication
-
-    return QApplication.palette().text().color().name()

@@ -1,22 +1,22 @@
-"""The one thread that owns the model.
+"""The jobs that touch the model, run on the one thread that owns it.
 
-The window sends it requests through queued signals and gets signals back; it never
-touches a widget. Each job emits `started`, then its own results, then `errored` if it
-failed, and `finished` always comes last. Stop is a `threading.Event` the window sets
-directly; the engine checks it before every token.
+The window calls these methods on the GUI thread; each queues a job on the model's
+`JobRunner` and returns at once. A job emits `started`, then its own results, then
+`errored` if it failed, and `finished` always comes last. The job functions never touch
+a widget. Stop is a `threading.Event` the window sets directly; the engine checks it
+before every token.
 """
 
 from __future__ import annotations
 
 import threading
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from kobold_desktop.engine import ActiveMixture, Engine, LoadOptions, SamplingSettings
-from kobold_desktop.errors import KoboldError
 from kobold_desktop.engine.generate import GenerationResult
-from kobold_desktop.qt._qt import QObject, Signal, Slot
+from kobold_desktop.qt._qt import QObject, Signal
+from kobold_desktop.qt.jobs import JobRunner
 from kobold_desktop.softprompt.mixture import is_mixture_file, read_mixture, resolve_members
 from kobold_desktop.story import Story, build_context
 
@@ -56,7 +56,7 @@ class RankRequest:
 
 
 class ModelWorker(QObject):
-    started = Signal(str)  # the job: "load", "softprompt" or "generate"
+    started = Signal(str)  # the job: "load", "unload", "softprompt", "generate", "tune", "rank", ...
     progress = Signal(str, float)
     model_loaded = Signal(object)  # ModelStatus
     softprompt_changed = Signal(object)  # SoftPromptStatus, or None for no soft prompt
@@ -71,13 +71,43 @@ class ModelWorker(QObject):
     errored = Signal(str)  # a message for the user
     finished = Signal(str)  # the job, always last
 
+    returned = Signal(str, object)  # a job run with `run`: its name and its function's result
+
     def __init__(self, engine: Engine | None = None):
         super().__init__()
         self.engine = engine or Engine()
         self.cancel_event = threading.Event()
         self.library_folders: list[Path] = []  # where a mixture's members are looked for (after its own folder)
+        self.runner = JobRunner("model", self)
+        self.runner.started.connect(self.started)
+        self.runner.returned.connect(self.returned)
+        self.runner.errored.connect(lambda _job, message: self.errored.emit(message))
+        self.runner.finished.connect(self.finished)
+
+    @property
+    def busy(self) -> bool:
+        return self.runner.busy
+
+    def run(self, job: str, fn, *args, **kwargs) -> None:
+        """Any other work for the model's thread (the server's start and stop, say)."""
+        self.runner.submit(job, fn, *args, **kwargs)
+
+    def model_status(self) -> ModelStatus | None:
+        """What the engine really holds now."""
+        if not self.engine.is_loaded:
+            return None
+        loaded = self.engine.loaded
+        return ModelStatus(name=loaded.info.name, source=loaded.source, device=loaded.device_label,
+                           dtype=loaded.precision, context_length=loaded.context_length,
+                           hidden_size=self.engine.hidden_size)
+
+    def _report_state(self) -> None:
+        self.model_loaded.emit(self.model_status())
+        self.softprompt_changed.emit(self._softprompt_status())
 
     def _softprompt_status(self) -> SoftPromptStatus | None:
+        if not self.engine.is_loaded:
+            return None
         active = self.engine.softprompt
         if active is None:
             return None
@@ -87,48 +117,37 @@ class ModelWorker(QObject):
         return SoftPromptStatus(active.name, active.n_tokens, tuple(s.path for s in active.sources), active.warnings)
 
     def _run(self, job: str, work) -> None:
-        self.started.emit(job)
-        try:
-            work()
-        except KoboldError as exc:
-            self.errored.emit(str(exc))
-        except Exception as exc:  # a bug: keep the app alive, show it, log the traceback
-            traceback.print_exc()
-            self.errored.emit(f"Unexpected error ({type(exc).__name__}): {exc}")
-        finally:
-            self.finished.emit(job)
+        self.runner.submit(job, work)
 
-    @Slot(str, object)
-    def load_model(self, source: str, options: LoadOptions) -> None:
+    def load_model(self, source: str, options: LoadOptions = LoadOptions()) -> None:
         def work():
-            loaded = self.engine.load(source, options, progress=self.progress.emit)
-            self.model_loaded.emit(
-                ModelStatus(
-                    name=loaded.info.name,
-                    source=loaded.source,
-                    device=loaded.device_label,
-                    dtype=loaded.precision,
-                    context_length=loaded.context_length,
-                    hidden_size=self.engine.hidden_size,
-                )
-            )
-            self.softprompt_changed.emit(self._softprompt_status())
+            try:
+                self.engine.load(source, options, progress=self.progress.emit)
+            finally:  # after a failure too: the old model is gone, and the window must say so
+                self._report_state()
 
         self._run("load", work)
 
-    @Slot(object)
+    def unload(self) -> None:
+        def work():
+            self.engine.unload()  # waits for the engine's lock (a server request may hold it)
+            self._report_state()
+
+        self._run("unload", work)
+
     def set_softprompt(self, path: Path | None) -> None:
         def work():
-            if path is not None and is_mixture_file(Path(path)):
-                mixture = read_mixture(path)
-                self.engine.set_mixture(mixture, resolve_members(mixture, self.library_folders))
-            else:
-                self.engine.set_softprompt(path)
-            self.softprompt_changed.emit(self._softprompt_status())
+            try:
+                if path is not None and is_mixture_file(Path(path)):
+                    mixture = read_mixture(path)
+                    self.engine.set_mixture(mixture, resolve_members(mixture, self.library_folders))
+                else:
+                    self.engine.set_softprompt(path)
+            finally:  # a refused soft prompt leaves the previous one active: the light says which
+                self.softprompt_changed.emit(self._softprompt_status())
 
         self._run("softprompt", work)
 
-    @Slot(object, object, int)
     def generate(self, story: Story, settings: SamplingSettings, context_limit: int) -> None:
         def work():
             budget = self.engine.context_budget(settings, context_limit or None)
@@ -146,7 +165,6 @@ class ModelWorker(QObject):
 
         self._run("generate", work)
 
-    @Slot(object)
     def tune(self, request) -> None:
         """Train a soft prompt on the loaded model and write it into the user's folder."""
         from kobold_desktop import paths
@@ -211,7 +229,6 @@ class ModelWorker(QObject):
         mixture = Mixture(name, "bayes", tuple(MixtureMember(z.name, round(w, 6)) for z, w in zip(zips, result.weights)))
         self.tuned.emit(write_mixture(folder / f"{base}.json", mixture), result)
 
-    @Slot(object)
     def rank(self, request: RankRequest) -> None:
         """Score soft prompts on a text and learn a mixture's weights (`softprompt rank`)."""
         from kobold_desktop.tuning import make_blocks, read_training_text

@@ -112,17 +112,15 @@ class Service:
         start: a web page must not make the server read the user's other files."""
         from kobold_desktop.softprompt.library import SoftPromptLibrary
 
-        path = Path(source).expanduser()
-        if path.exists():
-            if not trusted and not self._allowed(path):
-                raise ApiError(403, "soft prompts load by path only from your soft prompt folders or the paths "
-                                    "given at start; set an admin key and send it to load others.",
-                               param="path", code="path_not_allowed")
-            return path
         try:
-            return SoftPromptLibrary().find(source).path
+            path = SoftPromptLibrary().resolve(source)
         except KoboldError as exc:
             raise ApiError(404, str(exc), code="softprompt_not_found") from exc
+        if not trusted and not self._allowed(path):
+            raise ApiError(403, "soft prompts load by path only from your soft prompt folders or the paths "
+                                "given at start; set an admin key and send it to load others.",
+                           param="path", code="path_not_allowed")
+        return path
 
     def _allowed(self, path: Path) -> bool:
         resolved = path.resolve()

@@ -6,6 +6,7 @@ import re
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,27 +17,57 @@ from kobold_desktop.softprompt.errors import (
     NotFoundError,
     UnsupportedFormatError,
 )
-from kobold_desktop.softprompt.types import DEFAULT_LIMITS, Limits, Metadata, SoftPrompt
+from kobold_desktop.softprompt.types import DEFAULT_LIMITS, Limits, Metadata, SoftPrompt, SoftPromptFormat
 
 ZIP_SUFFIX = ".zip"
 
 
-def _kind(path: Path) -> str:
+@dataclass(frozen=True)
+class FormatHandler:
+    """What the app can do with one format: describe it from its headers, load and
+    validate it whole, and (unless it is read-only) write it."""
+
+    format: SoftPromptFormat
+    describe: Callable[[Path, Limits], SoftPrompt]
+    load: Callable[[Path, Limits], tuple[SoftPrompt, torch.Tensor]]
+    write: Callable[[Path, torch.Tensor, Metadata], object] | None = None
+
+
+def _write_zip(path: Path, tensor: torch.Tensor, meta: Metadata) -> None:
+    try:
+        kobold_zip.write(path, tensor, meta, overwrite=False)
+    except FileExistsError as exc:
+        raise DestinationExistsError("already exists; choose a new name.", path) from exc
+
+
+# The one table of formats. A zip holding a PEFT adapter is read by the zip handler.
+FORMATS: dict[SoftPromptFormat, FormatHandler] = {
+    SoftPromptFormat.KOBOLDAI_ZIP: FormatHandler(SoftPromptFormat.KOBOLDAI_ZIP, kobold_zip.describe,
+                                                 kobold_zip.load, _write_zip),
+    SoftPromptFormat.PEFT: FormatHandler(SoftPromptFormat.PEFT, peft_dir.describe, peft_dir.load, peft_dir.write),
+    # mkultra files have no header to read: describing one loads it (and it is never written).
+    SoftPromptFormat.MKULTRA_JSON: FormatHandler(SoftPromptFormat.MKULTRA_JSON,
+                                                 lambda path, limits: mkultra.load(path, limits)[0], mkultra.load),
+}
+
+
+def format_of(path: Path) -> SoftPromptFormat:
+    """Which format a file or folder is in, from its kind, suffix and first bytes."""
     if not path.exists():
         raise NotFoundError("does not exist.", path)
     if path.is_dir():
         if peft_dir.is_peft_dir(path):
-            return "peft"
+            return SoftPromptFormat.PEFT
         raise UnsupportedFormatError(
             "is a folder without adapter_config.json, so it is not a PEFT adapter.", path
         )
     if path.suffix.lower() == ".json":
-        return "mkultra"
+        return SoftPromptFormat.MKULTRA_JSON
     if path.suffix.lower() == ZIP_SUFFIX:
-        return "zip"
+        return SoftPromptFormat.KOBOLDAI_ZIP
     with open(path, "rb") as handle:
         if handle.read(4) == b"PK\x03\x04":
-            return "zip"
+            return SoftPromptFormat.KOBOLDAI_ZIP
     raise UnsupportedFormatError(
         "is not a soft prompt: expected a KoboldAI .zip, a PEFT prompt-tuning folder or an "
         "mkultra .json file.",
@@ -44,18 +75,15 @@ def _kind(path: Path) -> str:
     )
 
 
-def describe_softprompt(path: Path | str, limits: Limits = DEFAULT_LIMITS) -> SoftPrompt:
-    """Describe a soft prompt from its headers (cheap; the tensor is not decompressed).
+def destination_format(dst: Path) -> SoftPromptFormat:
+    """What `convert` writes: a KoboldAI zip for a `.zip` name, else a PEFT adapter folder."""
+    return SoftPromptFormat.KOBOLDAI_ZIP if dst.suffix.lower() == ZIP_SUFFIX else SoftPromptFormat.PEFT
 
-    mkultra files have no header to read, so they are fully loaded.
-    """
+
+def describe_softprompt(path: Path | str, limits: Limits = DEFAULT_LIMITS) -> SoftPrompt:
+    """Describe a soft prompt from its headers (cheap; the tensor is not decompressed)."""
     path = Path(path)
-    kind = _kind(path)
-    if kind == "zip":
-        return kobold_zip.describe(path, limits)
-    if kind == "peft":
-        return peft_dir.describe(path, limits)
-    return mkultra.load(path, limits)[0]
+    return FORMATS[format_of(path)].describe(path, limits)
 
 
 def load_softprompt(
@@ -63,12 +91,7 @@ def load_softprompt(
 ) -> tuple[SoftPrompt, torch.Tensor]:
     """Read and fully validate a soft prompt: the description and its tensor."""
     path = Path(path)
-    kind = _kind(path)
-    if kind == "zip":
-        return kobold_zip.load(path, limits)
-    if kind == "peft":
-        return peft_dir.load(path, limits)
-    return mkultra.load(path, limits)
+    return FORMATS[format_of(path)].load(path, limits)
 
 
 @dataclass(frozen=True)
@@ -135,12 +158,5 @@ def convert(src: Path | str, dst: Path | str, limits: Limits = DEFAULT_LIMITS) -
     if dst.exists():
         raise DestinationExistsError("already exists; choose a new name.", dst)
     softprompt, tensor = load_softprompt(src, limits)
-    meta = metadata_of(softprompt)
-    if dst.suffix.lower() == ZIP_SUFFIX:
-        try:
-            kobold_zip.write(dst, tensor, meta, overwrite=False)
-        except FileExistsError as exc:
-            raise DestinationExistsError("already exists; choose a new name.", dst) from exc
-    else:
-        peft_dir.write(dst, tensor, meta)
+    FORMATS[destination_format(dst)].write(dst, tensor, metadata_of(softprompt))
     return describe_softprompt(dst, limits)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
 import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -127,6 +128,18 @@ class LibraryEntry:
         return data
 
 
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return a == b or a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def resolve_softprompt(name_or_path: str | Path, library: "SoftPromptLibrary | None" = None) -> Path:
+    """`SoftPromptLibrary.resolve` on the default library (the user's folder and the examples)."""
+    return (library or SoftPromptLibrary()).resolve(name_or_path)
+
+
 def _is_candidate(path: Path) -> bool:
     if path.name.startswith("."):
         return False  # hidden files, and our own half-written `.name.part` files
@@ -164,6 +177,8 @@ class SoftPromptLibrary:
         self._settings = settings
         self._cache: dict[Path, tuple[tuple[int, int], LibraryEntry]] = {}
         self._entries: list[LibraryEntry] = []
+        # Scans may run on the window's file runner and the GUI thread at once; one at a time.
+        self._lock = threading.RLock()
 
     @property
     def folders(self) -> list[Path]:
@@ -180,6 +195,10 @@ class SoftPromptLibrary:
 
     def scan(self) -> list[LibraryEntry]:
         """List every soft prompt in the folders, reading only what changed since last time."""
+        with self._lock:
+            return self._scan()
+
+    def _scan(self) -> list[LibraryEntry]:
         fresh: dict[Path, tuple[tuple[int, int], LibraryEntry]] = {}
         for folder in self.folders:
             writable = folder.resolve() == self.user_folder.resolve()
@@ -226,6 +245,32 @@ class SoftPromptLibrary:
         return replace(entry, members=tuple(found))
 
     refresh = scan
+
+    def resolve(self, name_or_path: str | Path) -> Path:
+        """A soft prompt given as a path (zip, PEFT folder, mkultra or mixture .json) or by
+        its name in the library: the one way every command, the window and the server
+        turn what a user typed into a file."""
+        path = Path(name_or_path).expanduser()
+        if path.exists():
+            return path
+        return self.find(name_or_path).path
+
+    def entry_for(self, path: Path | str) -> LibraryEntry:
+        """The library's entry for a file, or (for a file outside the library folders) an
+        entry described the same way, read-only."""
+        path = Path(path)
+        if not self._entries:
+            self.scan()
+        for entry in self._entries:
+            if same_file(entry.path, path):
+                return entry
+        try:
+            if is_mixture_file(path):
+                entry = LibraryEntry(path, path.parent, False, mixture=read_mixture(path))
+                return self._with_members(entry, {e.path: e for e in self._entries})
+            return LibraryEntry(path, path.parent, False, describe_softprompt(path, self.limits))
+        except SoftPromptError as exc:
+            return LibraryEntry(path, path.parent, False, error=exc)
 
     def find(self, name_or_path: str | Path) -> LibraryEntry:
         """A soft prompt by path, by name, or by file name (case-insensitive)."""

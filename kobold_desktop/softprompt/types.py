@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 
 
 class SoftPromptFormat(str, enum.Enum):
@@ -39,7 +38,7 @@ class SoftPrompt:
 
     Building one reads only the zip directory, `meta.json` and the tensor header (or
     the PEFT config and safetensors header), so listing a thousand is cheap.
-    `load_tensor()` reads and validates everything.
+    `softprompt.io.load_softprompt(path)` reads and validates everything.
     """
 
     path: Path
@@ -63,12 +62,6 @@ class SoftPrompt:
     @property
     def file_name(self) -> str:
         return self.path.name
-
-    def load_tensor(self, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
-        """Read, fully validate and return the `[n_tokens, hidden_size]` tensor."""
-        from kobold_desktop.softprompt.io import load_softprompt
-
-        return load_softprompt(self.path, limits)[1]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description (used by `softprompt inspect --json`)."""

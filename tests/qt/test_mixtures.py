@@ -125,13 +125,13 @@ def test_server_menu_serves_a_mixture_as_a_model(qtbot, window):
     add_softprompts()
     write_mixture(user_softprompt_dir() / "Scripture.json",
                   Mixture("Scripture", "bayes", (MixtureMember("Proverbs.zip", 0.7), MixtureMember("Leviticus.zip", 0.3))))
-    from .test_server_menu import call
+    from .test_server_menu import call, serve, stop
 
-    url = window.start_server(port=0)
+    url = serve(qtbot, window)
     try:
         status, models = call(url, "GET", "/v1/models")
         assert "Scripture" in [m["id"] for m in models["data"]]
         status, body = call(url, "POST", "/v1/completions", {"model": "Scripture", "prompt": "Once", "max_tokens": 5})
         assert status == 200 and body["choices"][0]["text"]
     finally:
-        window.stop_server()
+        stop(qtbot, window)

@@ -21,10 +21,23 @@ def call(url, method, path, body=None):
     return response.status, json.loads(response.read())
 
 
+def serve(qtbot, window):
+    """Start the server from the window and wait until it runs (it starts off the GUI thread)."""
+    assert window.start_server(port=0)
+    assert window.server_label.text() == "Server: starting…"
+    qtbot.waitUntil(lambda: window.server_control.state != "starting", timeout=120_000)
+    return window.server_control.url
+
+
+def stop(qtbot, window):
+    window.stop_server()
+    qtbot.waitUntil(lambda: window.server_control.state == "stopped", timeout=60_000)
+
+
 def test_server_menu_serves_library_softprompts(qtbot, window):
     kobold_zip.write(user_softprompt_dir() / "sea.zip", torch.randn(4, 32), Metadata(name="Sea"))
     kobold_zip.write(user_softprompt_dir() / "wide.zip", torch.randn(4, 64), Metadata(name="Wide"))
-    url = window.start_server(port=0)
+    url = serve(qtbot, window)
     assert url and window.server_label.text() == f"Server: {url}" and not window.server_label.isHidden()
     assert "OpenAI API" in window.notices[-1][1]
     status, models = call(url, "GET", "/v1/models")
@@ -43,11 +56,11 @@ def test_server_menu_serves_library_softprompts(qtbot, window):
     thread.join(timeout=120)
     assert result.generated_tokens > 0 and replies["server"][0] == 200  # both finished, taking turns
 
-    window.stop_server()
+    stop(qtbot, window)
     assert window.server is None and window.server_label.isHidden()
     assert window.server_start_action.isEnabled()
 
 
 def test_server_needs_a_model(bare_window):
-    assert bare_window.start_server(port=0) is None
+    assert bare_window.start_server(port=0) is False
     assert "Load a model" in bare_window.notices[-1][1]

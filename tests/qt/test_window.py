@@ -39,6 +39,17 @@ def drop(window, widget, paths):
     assert enter.isAccepted()
     event = QDropEvent(QPoint(5, 5), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
     QApplication.sendEvent(widget, event)
+    wait_for(lambda: not window.importing)  # imports run off the GUI thread
+
+
+def wait_for(condition, timeout=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        QApplication.processEvents()
+        time.sleep(0.005)
 
 
 def test_model_status_in_the_status_bar(window):
