@@ -1,5 +1,5 @@
 """Appearance for long writing: a light or dark theme (following the system unless the
-writer chooses), the story's font and size, and accessible names on every control.
+writer chooses) and the story's font and size.
 
 The theme is Qt's Fusion style with a light or dark palette, so it looks the same on
 every platform and every widget follows it; "Follow the system" reads Qt's colour scheme
@@ -11,24 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kobold_desktop.qt._qt import (
-    QAbstractButton,
-    QAbstractItemView,
-    QAbstractSpinBox,
     QApplication,
     QColor,
     QComboBox,
     QFont,
     QFontComboBox,
     QFormLayout,
-    QLabel,
-    QLineEdit,
     QPalette,
-    QPlainTextEdit,
-    QSlider,
     QSpinBox,
     Qt,
-    QTabWidget,
-    QTextEdit,
     QWidget,
     Signal,
 )
@@ -98,46 +89,6 @@ def apply_theme(theme: str) -> str:
     scheme = system_scheme() if theme == "system" else theme
     app.setPalette(dark_palette() if scheme == "dark" else app.style().standardPalette())
     return scheme
-
-
-# -- accessible names ------------------------------------------------------------------------
-
-CONTROL_TYPES = (QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QTextEdit, QPlainTextEdit,
-                 QAbstractItemView, QTabWidget, QSlider)
-
-
-def _label_for(widget: QWidget) -> str:
-    """The text of the form label beside a field, if it is in a QFormLayout."""
-    parent = widget.parentWidget()
-    while parent is not None:
-        for form in parent.findChildren(QFormLayout):
-            label = form.labelForField(widget)
-            if isinstance(label, QLabel) and label.text():
-                return label.text()
-        parent = parent.parentWidget() if parent.parentWidget() is not None and not parent.isWindow() else None
-    return ""
-
-
-def name_controls(root: QWidget) -> list[QWidget]:
-    """Give every control under `root` an accessible name from what a sighted user reads
-    (its text, its form label, its tooltip); return those still without one."""
-    unnamed = []
-    for widget in root.findChildren(QWidget):
-        if not isinstance(widget, CONTROL_TYPES) or widget.accessibleName():
-            continue
-        if isinstance(widget, (QAbstractSpinBox,)) and isinstance(widget.parentWidget(), (QComboBox,)):
-            continue
-        text = ""
-        if isinstance(widget, QAbstractButton):
-            text = widget.text().replace("&", "")
-        text = text or _label_for(widget) or widget.toolTip().split("\n")[0]
-        if isinstance(widget, (QLineEdit, QPlainTextEdit, QTextEdit)) and not text:
-            text = widget.placeholderText()
-        if text:
-            widget.setAccessibleName(text.rstrip(":"))
-        else:
-            unnamed.append(widget)
-    return unnamed
 
 
 class AppearancePanel(QWidget):

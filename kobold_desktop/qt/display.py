@@ -25,6 +25,13 @@ X11_LIBRARIES = {
     "libxcb-render-util.so.0": "libxcb-render-util0",
     "libxcb-shape.so.0": "libxcb-shape0",
     "libxcb-xkb.so.1": "libxcb-xkb1",
+    "libxcb-render.so.0": "libxcb-render0",
+    "libxcb-shm.so.0": "libxcb-shm0",
+    "libxcb-sync.so.1": "libxcb-sync1",
+    "libxcb-util.so.1": "libxcb-util1",
+    "libxcb-xfixes.so.0": "libxcb-xfixes0",
+    "libxkbcommon.so.0": "libxkbcommon0",
+    "libX11-xcb.so.1": "libx11-xcb1",
 }
 
 
@@ -46,9 +53,10 @@ def uses_x11(env: Mapping[str, str]) -> bool:
 
 
 def display_problem(env: Mapping[str, str] | None = None, platform: str | None = None,
-                    loads: Callable[[str], bool] = _loads) -> str | None:
+                    loads: Callable[[str], bool] | None = None) -> str | None:
     """One line saying why the window cannot open here, or None when it can (as far as we can tell)."""
     env = os.environ if env is None else env
+    loads = loads or _loads
     platform = platform or sys.platform
     if not platform.startswith("linux") or not uses_x11(env):
         return None

@@ -70,6 +70,7 @@ class WorldInfoEditor(QWidget):
         super().__init__(parent)
         self.entries: list[WorldInfoEntry] = []
         self.list = QListWidget(self)
+        self.list.setAccessibleName("World Info entries")
         self.keys = QLineEdit(self)
         self.keys.setPlaceholderText("keys, separated by commas")
         self.content = QPlainTextEdit(self)

@@ -40,7 +40,8 @@ from kobold_desktop.qt._qt import (
     QWidget,
     Signal,
 )
-from kobold_desktop.qt.appearance import Appearance, AppearancePanel, apply_theme, name_controls
+from kobold_desktop.qt.accessible import name_controls
+from kobold_desktop.qt.appearance import Appearance, AppearancePanel, apply_theme
 from kobold_desktop.qt.editors import MemoryEditor, SamplerPanel, WorldInfoEditor
 from kobold_desktop.qt.jobs import JobRunner
 from kobold_desktop.qt.model_dialog import ModelDialog

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kobold_desktop.qt.accessible import name_controls
 from kobold_desktop.qt._qt import (
     QButtonGroup,
     QCheckBox,
@@ -96,6 +97,7 @@ class MixtureDialog(QDialog):
             spin.valueChanged.connect(self._check)
         self.name.textChanged.connect(self._check)
         self._check()
+        name_controls(self)  # every control has an accessible name
 
     def _check(self) -> None:
         chosen = self.members.chosen()
@@ -170,6 +172,7 @@ class LearnWeightsDialog(QDialog):
         layout.addWidget(self.result)
         layout.addLayout(buttons)
         self.set_running(False)
+        name_controls(self)  # every control has an accessible name
 
     def _choose_file(self) -> None:
         chosen, _ = QFileDialog.getOpenFileName(self, "Text to learn from", "", "Text or stories (*.txt *.json)")

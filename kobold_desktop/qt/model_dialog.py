@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kobold_desktop.engine import LoadOptions
+from kobold_desktop.qt.accessible import name_controls
 from kobold_desktop.qt._qt import (
     QCheckBox,
     QComboBox,
@@ -37,6 +38,7 @@ class ModelDialog(QDialog):
         row.addWidget(browse)
         row.addWidget(browse_file)
         self.recent = QListWidget(self)
+        self.recent.setAccessibleName("Recent models")
         self.recent.addItems(recent)
         self.recent.currentTextChanged.connect(self.source.setText)
         self.recent.itemDoubleClicked.connect(lambda *_: self.accept())
@@ -70,6 +72,7 @@ class ModelDialog(QDialog):
         layout.addLayout(form)
         layout.addWidget(buttons)
         self.resize(620, 420)
+        name_controls(self)  # every control has an accessible name
 
     def _spin(self, low: int, high: int, auto: str, name: str, step: int = 1) -> QSpinBox:
         spin = QSpinBox(self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kobold_desktop.qt.accessible import name_controls
 from kobold_desktop.qt._qt import (
     QColor,
     QDialog,
@@ -106,6 +107,7 @@ class TuneDialog(QDialog):
         super().__init__(parent)
         self.setWindowTitle("Create soft prompt")
         self.files = QListWidget(self)
+        self.files.setAccessibleName("Text files to learn from")
         add_files, add_folder, remove = QPushButton("Add files…"), QPushButton("Add folder…"), QPushButton("Remove")
         add_files.clicked.connect(self._add_files)
         add_folder.clicked.connect(self._add_folder)
@@ -163,6 +165,7 @@ class TuneDialog(QDialog):
         layout.addLayout(buttons)
         self.resize(620, 720)
         self.set_running(False)
+        name_controls(self)  # every control has an accessible name
 
     def _add_files(self) -> None:
         chosen, _ = QFileDialog.getOpenFileNames(self, "Your writing", "", "Text or stories (*.txt *.json)")
