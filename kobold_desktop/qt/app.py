@@ -56,6 +56,9 @@ def run_window(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
+    import gc
+
+    gc.freeze()  # the libraries just imported live as long as the app: full collections skip them
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName(APP_NAME)
     app.setQuitOnLastWindowClosed(False)  # the window quits when its jobs have ended (MainWindow.closed)
