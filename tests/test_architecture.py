@@ -41,3 +41,28 @@ def test_core_imports_without_loading_qt():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_every_soft_prompt_format_is_in_the_one_table():
+    from kobold_desktop.softprompt.io import FORMATS
+    from kobold_desktop.softprompt.types import SoftPromptFormat
+
+    assert set(FORMATS) == set(SoftPromptFormat)
+    assert all(handler.format is fmt for fmt, handler in FORMATS.items())
+    assert FORMATS[SoftPromptFormat.MKULTRA_JSON].write is None  # read only: converted, never written
+
+
+def test_the_softprompt_types_import_nothing_of_the_package():
+    """types.py is the bottom layer: it used to import io (a cycle)."""
+    tree = ast.parse((PACKAGE / "softprompt" / "types.py").read_text(encoding="utf-8"))
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [name for name in imported if name.startswith("kobold_desktop")]
+
+
+def test_one_module_per_command():
+    from kobold_desktop.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name in commands:
+        assert (PACKAGE / "cli" / f"{name}.py").is_file(), name

@@ -5,22 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kobold_desktop.cli.common import (  # noqa: F401
+from kobold_desktop.cli.common import (
     EXIT_OK,
-    EXIT_REJECTED,
-    UsageError,
-    json_flag,
-    library_of,
-    limits,
-    load_options,
-    model_argument,
-    model_flags,
-    print_json,
-    quiet_transformers,
     resolve_model,
-    softprompt_flags,
 )
-from kobold_desktop.softprompt.library import resolve_softprompt  # noqa: F401
 
 
 def cmd_model_convert(args: argparse.Namespace) -> int:

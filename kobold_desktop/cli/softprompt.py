@@ -6,11 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from kobold_desktop.cli.common import (  # noqa: F401
+from kobold_desktop.cli.common import (
     EXIT_OK,
     EXIT_REJECTED,
     UsageError,
-    json_flag,
     library_of,
     limits,
     load_options,
@@ -21,7 +20,7 @@ from kobold_desktop.cli.common import (  # noqa: F401
     resolve_model,
     softprompt_flags,
 )
-from kobold_desktop.softprompt.library import resolve_softprompt  # noqa: F401
+from kobold_desktop.softprompt.library import resolve_softprompt
 
 
 def cmd_softprompt_list(args: argparse.Namespace) -> int:

@@ -12,13 +12,15 @@ so that one thread owns the model for the life of the window.
 
 from __future__ import annotations
 
+import os
 import traceback
 from typing import Any, Callable
 
-from superqt.utils import FunctionWorker
+os.environ.setdefault("QT_API", "pyside6")  # superqt (through qtpy) must use our binding, not another one installed
+from superqt.utils import FunctionWorker  # noqa: E402
 
-from kobold_desktop.errors import KoboldError
-from kobold_desktop.qt._qt import QObject, QThreadPool, Signal
+from kobold_desktop.errors import KoboldError  # noqa: E402
+from kobold_desktop.qt._qt import QObject, QThreadPool, Signal  # noqa: E402
 
 
 def error_message(exc: BaseException) -> str:
