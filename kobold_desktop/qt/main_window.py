@@ -593,11 +593,11 @@ class MainWindow(QMainWindow):
             self.flush_text()
             self.session.end_turn()
             self.files.save_now()
-        if job == "load" and self.model_status is not None and self.pending_softprompt is not None:
+        if job == "load":
             path, self.pending_softprompt = self.pending_softprompt, None
-            self.begin_job("softprompt")
-            self.worker.set_softprompt(path)
-        self.pending_softprompt = None if job == "load" else self.pending_softprompt
+            if path is not None and self.model_status is not None:  # the soft prompt asked for at start
+                self.begin_job("softprompt")
+                self.worker.set_softprompt(path)
         self.update_actions()
         if self.busy_job is None:
             self.ready.emit()
