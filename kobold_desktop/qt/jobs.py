@@ -60,10 +60,6 @@ class JobRunner(QObject):
     def busy(self) -> bool:
         return bool(self._workers)
 
-    @property
-    def pending(self) -> list[str]:
-        return [w.job for w in self._workers]
-
     def submit(self, job: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> FunctionWorker:
         """Queue `fn(*args, **kwargs)` under the name `job`; its signals come back to this thread."""
         worker = FunctionWorker(fn, *args, **kwargs)
@@ -84,7 +80,3 @@ class JobRunner(QObject):
         self.finished.emit(worker.job)
         if not self._workers:
             self.idle.emit()
-
-    def wait(self, msecs: int = -1) -> bool:
-        """Block until every job has ended (only where blocking is the point: tests, exit)."""
-        return self.pool.waitForDone(msecs)

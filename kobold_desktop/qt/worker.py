@@ -72,8 +72,6 @@ class ModelWorker(QObject):
     errored = Signal(str)  # a message for the user
     finished = Signal(str)  # the job, always last
 
-    returned = Signal(str, object)  # a job run with `run`: its name and its function's result
-
     def __init__(self, engine: Engine | None = None):
         super().__init__()
         self.engine = engine or Engine()
@@ -81,17 +79,12 @@ class ModelWorker(QObject):
         self.library_folders: list[Path] = []  # where a mixture's members are looked for (after its own folder)
         self.runner = JobRunner("model", self)
         self.runner.started.connect(self.started)
-        self.runner.returned.connect(self.returned)
         self.runner.errored.connect(lambda _job, message: self.errored.emit(message))
         self.runner.finished.connect(self.finished)
 
     @property
     def busy(self) -> bool:
         return self.runner.busy
-
-    def run(self, job: str, fn, *args, **kwargs) -> None:
-        """Any other work for the model's thread (the server's start and stop, say)."""
-        self.runner.submit(job, fn, *args, **kwargs)
 
     def model_status(self) -> ModelStatus | None:
         """What the engine really holds now."""

@@ -129,8 +129,13 @@ class LibraryEntry:
 
 
 def same_file(a: Path, b: Path) -> bool:
+    """The same file, however the paths are written (relative, `..`, a symlink)."""
+    if a == b:
+        return True
     try:
-        return a == b or a.resolve() == b.resolve()
+        if a.name != b.name and not (a.is_symlink() or b.is_symlink()):
+            return False  # the common case, with no path resolution: the panel asks this of every row
+        return a.resolve() == b.resolve()
     except OSError:
         return False
 
