@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from contextlib import contextmanager
+from dataclasses import replace
 
 from kobold_desktop.cli.common import (
     EXIT_OK,
@@ -18,7 +21,6 @@ from kobold_desktop.cli.common import (
 def cmd_serve(args: argparse.Namespace) -> int:
     from kobold_desktop.engine import Engine
     from kobold_desktop.server.config import ServeConfig, parse_adapter_args
-    from kobold_desktop.server.http import KoboldServer, warn_if_exposed
     from kobold_desktop.server.service import Service
 
     config = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
@@ -27,13 +29,59 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_prompt_adapter_token=args.max_prompt_adapter_token, max_prompt_adapters=args.max_prompt_adapters,
         host=args.host, port=args.port, api_key=args.api_key, admin_key=args.admin_key,
         allowed_origins=[o.rstrip("/") for o in args.allowed_origins] if args.allowed_origins else None,
+        backend=args.backend, backend_url=args.backend_url, backend_api_key=args.backend_api_key,
     )
     quiet_transformers()
-    engine = Engine()
     model = resolve_model(config.model)
+    if config.backend == "vllm":
+        with remote_backend(model, config, args) as (engine, scheduler):
+            return serve(Service(engine, config, scheduler), config, args)
+    engine = Engine()
     print(f"Loading {model} ...", file=sys.stderr)
     engine.load(model, load_options(args))
-    service = Service(engine, config)
+    return serve(Service(engine, config), config, args)
+
+
+@contextmanager
+def remote_backend(model: str, config, args: argparse.Namespace):
+    """The engine (the model's tokenizer and input embeddings only) and the scheduler that
+    sends generation to vLLM: the one at --backend-url, or one started here and stopped
+    when we stop."""
+    from kobold_desktop.engine import Engine
+    from kobold_desktop.engine.remote.embeddings import load_embeddings_only
+    from kobold_desktop.engine.remote.http import RemoteError
+    from kobold_desktop.engine.remote.vllm import VllmClient, VllmProcess
+    from kobold_desktop.server.vllm import VllmScheduler
+
+    process = None
+    try:
+        url = config.backend_url
+        if not url:
+            process = VllmProcess(model, args.vllm_python, shlex.split(args.vllm_args or ""))
+            print(f"Starting vLLM: {shlex.join(process.args)}", file=sys.stderr, flush=True)
+            process.start(progress=lambda message: print(message, file=sys.stderr, flush=True))
+            url = process.url
+        print(f"Reading {model}'s tokenizer and input embeddings ...", file=sys.stderr)
+        loaded = load_embeddings_only(model)
+        client = VllmClient(url, api_key=config.backend_api_key)
+        try:
+            served, limit = client.model(), client.max_model_len()
+            if limit and limit < loaded.context_length:  # vLLM may serve a shorter context than the config's
+                loaded.info = replace(loaded.info, context_length=limit)
+            print(f"vLLM at {client.url} serves '{served}' (context {limit or '?'}).", file=sys.stderr)
+        except RemoteError as exc:
+            print(f"warning: {exc} Requests will answer 502 until it does.", file=sys.stderr)
+        engine = Engine(loaded)
+        yield engine, VllmScheduler(engine, client)
+    finally:
+        if process is not None:
+            print("Stopping vLLM ...", file=sys.stderr)
+            process.stop()
+
+
+def serve(service, config, args: argparse.Namespace) -> int:
+    from kobold_desktop.server.http import KoboldServer, warn_if_exposed
+
     try:
         server = KoboldServer(service, config.host, config.port, quiet=not args.verbose)
     except OSError as exc:
@@ -41,7 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from exc
     warn_if_exposed(config.host, config.api_key)
     names = ", ".join(service.adapters) or "none"
-    print(f"Serving {service.model_id} (soft prompts: {names}) at {server.url}/v1 (OpenAI) and "
+    backend = f" on vLLM at {service.scheduler.client.url}" if service.backend == "vllm" else ""
+    print(f"Serving {service.model_id}{backend} (soft prompts: {names}) at {server.url}/v1 (OpenAI) and "
           f"{server.url}/api (KoboldAI); Ctrl+C stops.", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
@@ -68,6 +117,15 @@ def add_parser(commands) -> None:
     v.add_argument("--admin-key", metavar="KEY", help="key for loading/unloading soft prompts (default: the API key)")
     v.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
                    help="web pages beyond localhost that may call the server, e.g. https://lite.koboldai.net")
+    v.add_argument("--backend", choices=["local", "vllm"],
+                   help="where the model runs: here (local, the default) or on a vLLM server (vllm)")
+    v.add_argument("--backend-url", metavar="URL", help="the vLLM server's OpenAI address, e.g. "
+                   "http://gpu-box:8000/v1; without it --backend vllm starts vLLM here")
+    v.add_argument("--backend-api-key", metavar="KEY", help="the API key the vLLM server was started with")
+    v.add_argument("--vllm-python", metavar="PYTHON", help="the Python that has vLLM installed, to start it "
+                   "(default: this one, or the one behind the vllm command)")
+    v.add_argument("--vllm-args", metavar="ARGS", help="more arguments for the vLLM started here, as one "
+                   "string, e.g. \"--tensor-parallel-size 2 --max-model-len 8192\"")
     model_flags(v)
     v.add_argument("--verbose", action="store_true", help="log every request on stderr")
     v.set_defaults(func=cmd_serve)

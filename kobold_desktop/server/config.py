@@ -9,6 +9,9 @@ from typing import Any
 from kobold_desktop.errors import KoboldError
 
 
+BACKENDS = ("local", "vllm")
+
+
 class ServeConfigError(KoboldError):
     """The server cannot start with these settings."""
 
@@ -26,6 +29,9 @@ class ServeConfig:
     admin_key: str | None = None  # for loading/unloading soft prompts (and from any path); defaults to api_key
     allowed_origins: list[str] = field(default_factory=list)  # web pages beyond localhost that may call
     max_batch: int = 16
+    backend: str = "local"  # "local" (this machine's model) or "vllm"
+    backend_url: str | None = None  # vLLM's OpenAI base; none with backend vllm: start vLLM here
+    backend_api_key: str | None = None  # the key vLLM was started with (--api-key), if any
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> "ServeConfig":
@@ -52,7 +58,15 @@ class ServeConfig:
         if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
             raise ServeConfigError(f"{path.name}: allowed_origins must be a list of origins like https://lite.koboldai.net.")
         data["allowed_origins"] = [o.rstrip("/") for o in origins]
-        return cls(**data)
+        config = cls(**data)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ServeConfigError(f"backend must be one of {', '.join(BACKENDS)}, not '{self.backend}'.")
+        if self.backend_url and self.backend == "local":
+            raise ServeConfigError("backend_url is for a remote backend; set backend: vllm too.")
 
     def merged(self, **overrides: Any) -> "ServeConfig":
         """These settings with every override that is not None applied."""
@@ -64,7 +78,9 @@ class ServeConfig:
                 values[key] = {**values[key], **value}
             else:
                 values[key] = value
-        return ServeConfig(**values)
+        config = ServeConfig(**values)
+        config.check()
+        return config
 
     @property
     def admin(self) -> str | None:

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from kobold_desktop.server import protocol as p
+from kobold_desktop.errors import KoboldError
 from kobold_desktop.server.service import ApiError, EventStream, Service
 
 MAX_BODY_BYTES = 16 << 20
@@ -189,6 +190,11 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
     async def api_error(request: Request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(KoboldError)
+    async def failed(request: Request, exc: KoboldError):  # a generation failed after it started
+        status = getattr(exc, "status", 400)
+        return _error(status, str(exc), kind="server_error" if status >= 500 else "invalid_request_error")
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         status, message, param = _validation_message(request, exc.errors()[0])
@@ -213,7 +219,11 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
             iterator = iter(result)
             try:
                 while True:
-                    chunk = await run_in_threadpool(next, iterator, None)
+                    try:
+                        chunk = await run_in_threadpool(next, iterator, None)
+                    except KoboldError as exc:  # the headers are sent: say it as the stream's last event
+                        yield f"data: {json.dumps(ApiError(getattr(exc, 'status', 500), str(exc), 'server_error').body())}\n\n"
+                        return
                     if chunk is None:
                         return
                     yield chunk

@@ -82,8 +82,12 @@ class EventStream:
 
 
 class Service:
-    def __init__(self, engine: Engine, config: ServeConfig):
+    """`scheduler`: where generation runs; the local model's `BatchScheduler` unless
+    another is given (`server.vllm.VllmScheduler` sends it to a vLLM server)."""
+
+    def __init__(self, engine: Engine, config: ServeConfig, scheduler=None):
         self.engine = engine
+        self.scheduler = scheduler
         self.config = config
         self.adapters: dict[str, Adapter] = {}
         self.kobold_softprompt: str | None = None  # KoboldAI's "current soft prompt"
@@ -91,6 +95,7 @@ class Service:
         self._lock = threading.Lock()
         self.model_id = engine.loaded.info.name
         self.start_paths: set[Path] = set()  # paths given at start may be loaded again by path
+        self.backend = "vllm" if scheduler is not None else "local"
         if config.prompt_adapters and not config.enable_prompt_adapter:
             raise ServeConfigError("prompt_adapters are listed but enable_prompt_adapter is false.")
         for name, source in config.prompt_adapters.items():
@@ -99,7 +104,8 @@ class Service:
             except ApiError as exc:
                 raise ServeConfigError(f"prompt adapter '{name}': {exc.message}") from exc
             self.start_paths.add(adapter_path(adapter.source))
-        self.scheduler = BatchScheduler(engine, max_batch=config.max_batch)
+        if self.scheduler is None:
+            self.scheduler = BatchScheduler(engine, max_batch=config.max_batch)
 
     def close(self) -> None:
         self.scheduler.stop()
@@ -150,6 +156,10 @@ class Service:
             raise
         except KoboldError as exc:
             raise ApiError(400, str(exc), param="path") from exc
+        if isinstance(softprompt, ActiveMixture) and not getattr(self.scheduler, "supports_mixtures", True):
+            from kobold_desktop.server.vllm import MIXTURES_REFUSED
+
+            raise ApiError(400, MIXTURES_REFUSED, param="path", code="mixture_not_supported")
         if softprompt.n_tokens > self.config.max_prompt_adapter_token:
             raise ApiError(400, f"{softprompt.n_tokens} tokens is more than max_prompt_adapter_token "
                                 f"({self.config.max_prompt_adapter_token}).", param="path")
@@ -223,13 +233,15 @@ class Service:
                                 f"soft prompt, {max_tokens} for the completion).", param="prompt",
                            code="context_length_exceeded")
 
-    @staticmethod
-    def _settings(body: p.Sampling, max_tokens: int) -> SamplingSettings:
+    def _settings(self, body: p.Sampling, max_tokens: int) -> SamplingSettings:
+        # OpenAI requests have no repetition-penalty range: the backend's own applies.
+        penalty_range = getattr(self.scheduler, "default_penalty_range", None)
         try:
             return SamplingSettings(
                 max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p or 1.0,
                 top_k=max(0, body.top_k), min_p=body.min_p, typical_p=body.typical_p or 1.0,
-                repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop)
+                repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop,
+                **({} if penalty_range is None else {"repetition_penalty_range": penalty_range}))
         except SettingsError as exc:
             raise ApiError(422, str(exc)) from exc
 
@@ -249,7 +261,10 @@ class Service:
                 except KoboldError as exc:
                     for stream in streams:
                         stream.cancel.set()
-                    raise ApiError(400, str(exc)) from exc
+                    # A remote backend's refusal keeps its 4xx; one that cannot be reached is a 502.
+                    status = getattr(exc, "status", 400)
+                    raise ApiError(status, str(exc), kind="server_error" if status >= 500 else
+                                   "invalid_request_error") from exc
         return streams
 
     @staticmethod
