@@ -10,15 +10,14 @@ vLLM's. vLLM does the batching (continuous, paged) across however many GPUs it h
 from __future__ import annotations
 
 import threading
-import time
 import traceback
 from typing import Sequence as Seq
 
 from kobold_desktop.engine import ActiveMixture, Engine, ModelError, SamplingSettings
 from kobold_desktop.engine.engine import Active
 from kobold_desktop.engine.remote.http import RemoteError
-from kobold_desktop.engine.remote.vllm import VllmClient, iter_text, sampling_fields
-from kobold_desktop.engine.sequence import GenerationResult, TextChunk
+from kobold_desktop.engine.remote.vllm import VllmClient, sampling_fields
+from kobold_desktop.engine.sequence import Continuation, eos_token_ids
 from kobold_desktop.server.scheduler import RequestStream
 
 MIXTURES_REFUSED = ("soft prompt mixtures cannot be served through vLLM: it takes one row of embeddings per "
@@ -51,34 +50,43 @@ class VllmScheduler:
         embeds = None
         if softprompt is not None:
             embeds = self.engine.loaded.model.rows(ids, softprompt.tensor)
-        started = time.monotonic()
         events = self.client.complete(ids, embeds, fields)
         stream = RequestStream(threading.Event())
+        loaded = self.engine.loaded
+        # vLLM sends token ids; our own detokenizer and stop rules make the text, so it is
+        # exactly what the local backend writes for the same tokens.
+        text = Continuation(loaded.tokenizer, ids, n_soft, settings, eos_token_ids(loaded.model, loaded.tokenizer),
+                            stream.cancel)
         with self._lock:
             self.running += 1
-        threading.Thread(target=self._pump, args=(events, stream, len(ids), n_soft, started),
-                         name="vllm-request", daemon=True).start()
+        threading.Thread(target=self._pump, args=(events, stream, text), name="vllm-request", daemon=True).start()
         return stream
 
-    def _pump(self, events, stream: RequestStream, n_prompt: int, n_soft: int, started: float) -> None:
-        text, finish, generated, first = [], None, 0, None
+    def _pump(self, events, stream: RequestStream, text: Continuation) -> None:
         try:
-            for chunk, reason, usage in iter_text(events):
-                if stream.cancel.is_set():
-                    events.close()  # vLLM sees the client leave and stops the request
-                    finish = "cancelled"
+            for event in events:
+                choices = event.get("choices") or []
+                if not choices:
+                    continue  # the usage at the end
+                choice = choices[0]
+                token_ids = choice.get("token_ids")
+                if token_ids is None:
+                    raise RemoteError("vLLM sent no token ids; it needs to be 0.11 or later (return_token_ids).")
+                for token in token_ids:
+                    for chunk in text.feed(int(token)):
+                        stream.put(chunk)
+                    if text.finish_reason:
+                        break
+                if text.finish_reason:
+                    break  # ours ended first (a stop sequence, cancel): vLLM sees us leave and stops
+                if choice.get("finish_reason"):
+                    reason = "length" if choice["finish_reason"] == "length" else "stop"
+                    for chunk in text.close(reason):
+                        stream.put(chunk)
                     break
-                if chunk:
-                    first = first if first is not None else time.monotonic() - started
-                    text.append(chunk)
-                    stream.put(TextChunk(chunk))
-                if reason:
-                    finish = "length" if reason == "length" else "stop"
-                if usage:
-                    generated = int(usage.get("completion_tokens") or 0)
-            stream.put(GenerationResult(
-                text="".join(text), finish_reason=finish or "stop", prompt_tokens=n_prompt, softprompt_tokens=n_soft,
-                generated_tokens=generated, seconds=time.monotonic() - started, first_token_seconds=first))
+            for chunk in text.close("stop"):  # nothing when it closed above
+                stream.put(chunk)
+            stream.put(text.result())
         except RemoteError as exc:
             stream.put(exc)
         except Exception as exc:  # noqa: BLE001 - a reader must hear of any failure

@@ -130,10 +130,11 @@ class EmbeddingTable(torch.nn.Module):
     """Stands in for the model when another server runs it: the input embeddings and
     the config, nothing that can generate."""
 
-    def __init__(self, table: torch.Tensor, config: Any):
+    def __init__(self, table: torch.Tensor, config: Any, generation_config: Any = None):
         super().__init__()
         self.embed = torch.nn.Embedding.from_pretrained(table, freeze=True)
         self.config = config
+        self.generation_config = generation_config  # its EOS ids end a generation, as they do vLLM's
         self.softprompt_scale, self.token_scale = embedding_scales(
             getattr(config, "model_type", ""), int(table.shape[1]))
 
@@ -182,4 +183,14 @@ def load_embeddings_only(source: str | Path, trust_remote_code: bool = False,
     progress("Reading the input embeddings", 0.4)
     table = read_embedding_table(folder, info.hidden_size)
     progress("Ready", 1.0)
-    return LoadedModel(EmbeddingTable(table, config), tokenizer, info, str(folder), table.dtype)
+    return LoadedModel(EmbeddingTable(table, config, _generation_config(folder)), tokenizer, info, str(folder),
+                       table.dtype)
+
+
+def _generation_config(folder: Path) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return None

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -117,8 +117,8 @@ class VllmClient:
                  fields: dict[str, Any]) -> EventStream:
         """Start a streamed completion; raises `RemoteError` before any event when vLLM
         cannot be reached or refuses the request."""
-        body: dict[str, Any] = {"model": self.model(), **fields, "stream": True,
-                                "stream_options": {"include_usage": True}}
+        body: dict[str, Any] = {"model": self.model(), **fields, "stream": True, "return_token_ids": True,
+                                "skip_special_tokens": False}
         if embeds is not None:
             body["prompt_embeds"] = encode_embeds(embeds)
         else:
@@ -129,7 +129,8 @@ class VllmClient:
 # -- starting vLLM ------------------------------------------------------------------------
 
 def has_vllm(python: str) -> bool:
-    if Path(python).resolve() == Path(sys.executable).resolve():
+    # Not resolved: a virtual environment's python is a link to the system's, with other packages.
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
         import importlib.util
 
         return importlib.util.find_spec("vllm") is not None
@@ -240,16 +241,3 @@ class VllmProcess:
                 return
             except subprocess.TimeoutExpired:
                 continue
-
-
-def iter_text(events: EventStream) -> Iterator[tuple[str, str | None, dict[str, Any] | None]]:
-    """(text, finish reason, usage) of each event of a completions stream (one prompt)."""
-    for event in events:
-        usage = event.get("usage") if isinstance(event.get("usage"), dict) else None
-        choices = event.get("choices") or []
-        if not choices:
-            if usage:
-                yield "", None, usage
-            continue
-        choice = choices[0]
-        yield str(choice.get("text") or ""), choice.get("finish_reason"), usage
