@@ -66,7 +66,7 @@ class ServeConfig:
         if self.backend not in BACKENDS:
             raise ServeConfigError(f"backend must be one of {', '.join(BACKENDS)}, not '{self.backend}'.")
         if self.backend_url and self.backend == "local":
-            raise ServeConfigError("backend_url is for a remote backend; set backend: vllm too.")
+            raise ServeConfigError("a backend URL is for a remote backend: add --backend vllm (in a config file, backend: vllm).")
 
     def merged(self, **overrides: Any) -> "ServeConfig":
         """These settings with every override that is not None applied."""
