@@ -44,7 +44,7 @@ from kobold_desktop.qt.accessible import name_controls
 from kobold_desktop.qt.appearance import Appearance, AppearancePanel, apply_theme
 from kobold_desktop.qt.editors import MemoryEditor, SamplerPanel, WorldInfoEditor
 from kobold_desktop.qt.jobs import JobRunner
-from kobold_desktop.qt.model_dialog import ModelDialog
+from kobold_desktop.qt.model_dialog import ConnectDialog, ModelDialog
 from kobold_desktop.qt.server_control import ServerControl
 from kobold_desktop.qt.softprompt_panel import SoftPromptPanel, StatusLight
 from kobold_desktop.qt.story_files import StoryFiles
@@ -289,6 +289,7 @@ class MainWindow(QMainWindow):
         menu = self.menuBar().addMenu("&Model")
         self._add(menu, "&Load model…", self.show_model_dialog)
         self.recent_models_menu = menu.addMenu("&Recent models")
+        self._add(menu, "&Connect to server…", self.show_connect_dialog)
         self._add(menu, "&Unload model", self.unload_model)
         menu = self.menuBar().addMenu("&Soft prompts")
         self.story_actions["load_softprompt"] = self._add(
@@ -575,7 +576,7 @@ class MainWindow(QMainWindow):
 
     def on_started(self, job: str) -> None:
         self.busy_job = job
-        if job in ("load", "softprompt", "unload"):
+        if job in ("load", "softprompt", "unload", "connect"):
             self.progress.setRange(0, 100 if job == "load" else 0)
             self.progress.setValue(0)
             self.progress.show()
@@ -608,8 +609,20 @@ class MainWindow(QMainWindow):
         self.model_status = status
         if status is None:
             self.model_label.setText("No model loaded")
+            if self.softprompt_panel.server is not None:
+                self.softprompt_panel.set_server(None)
             self.softprompt_panel.set_model(None, None)
             return
+        if status.remote:
+            self.model_label.setText(f"{status.device} ({status.source}) · {status.name} · {status.dtype} · "
+                                     f"context {status.context_length}")
+            self.softprompt_panel.set_server(status.source, self.worker.remote.models)
+            self.sampler_panel.context_size.setMaximum(status.context_length)
+            self.remember("recent_servers", status.source)
+            self.statusBar().showMessage(f"Connected to {status.source}: {status.name}", 5000)
+            return
+        if self.softprompt_panel.server is not None:
+            self.softprompt_panel.set_server(None)
         self.model_label.setText(
             f"{status.name} · {status.device} · {status.dtype} · context {status.context_length}")
         self.softprompt_panel.set_model(status.hidden_size, status.name)
@@ -634,6 +647,21 @@ class MainWindow(QMainWindow):
             source, options = dialog.choice()
             if source:
                 self.load_model(source, options)
+
+    def show_connect_dialog(self) -> None:
+        dialog = ConnectDialog(self.settings.get("recent_servers", []), self)
+        if dialog.exec() == QDialog.Accepted:
+            url, key = dialog.choice()
+            if url:
+                self.connect_server(url, key)
+
+    def connect_server(self, url: str, api_key: str = "") -> None:
+        """Write with a remote server instead of a local model; our own server stops first
+        (it serves the local model, which is unloaded)."""
+        if self._refuse_when_busy():
+            return
+        self.begin_job("connect")
+        self.server_control.stop(then=lambda: self.worker.connect(url, api_key))
 
     def _refuse_when_busy(self) -> bool:
         if self.busy_job is not None:

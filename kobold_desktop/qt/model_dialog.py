@@ -107,3 +107,41 @@ class ModelDialog(QDialog):
             context=self.context.value() or None,
             gpu_layers=None if self.gpu_layers.value() < 0 else self.gpu_layers.value(),
         )
+
+
+class ConnectDialog(QDialog):
+    """Model ▸ Connect to server…: the address of a KoboldAI- or OpenAI-compatible server
+    (ours, KoboldCpp, vLLM, llama.cpp's server) and its API key, if it has one."""
+
+    def __init__(self, recent: list[str], parent=None):
+        super().__init__(parent)
+        self.setWindowTitle("Connect to server")
+        self.url = QLineEdit(recent[0] if recent else "http://127.0.0.1:2242", self)
+        self.url.setPlaceholderText("http://127.0.0.1:2242 (Kobold Desktop), :5001 (KoboldCpp), :8000/v1 (vLLM)")
+        self.url.setAccessibleName("Server address")
+        self.key = QLineEdit(self)
+        self.key.setEchoMode(QLineEdit.Password)
+        self.key.setPlaceholderText("only if the server asks for one")
+        self.key.setAccessibleName("API key")
+        self.recent = QListWidget(self)
+        self.recent.setAccessibleName("Recent servers")
+        self.recent.addItems(recent)
+        self.recent.currentTextChanged.connect(self.url.setText)
+        self.recent.itemDoubleClicked.connect(lambda *_: self.accept())
+        form = QFormLayout()
+        form.addRow("Server address", self.url)
+        form.addRow("API key", self.key)
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, self)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addWidget(QLabel("Write with a model on another server: its models are your soft prompt list."))
+        layout.addLayout(form)
+        layout.addWidget(QLabel("Recent servers"))
+        layout.addWidget(self.recent)
+        layout.addWidget(buttons)
+        self.resize(560, 300)
+        name_controls(self)
+
+    def choice(self) -> tuple[str, str]:
+        return self.url.text().strip(), self.key.text().strip()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+from kobold_desktop.engine.remote.client import server_path
 
 from kobold_desktop.qt._qt import (
     QBrush,
@@ -77,6 +80,20 @@ class _Dot(QWidget):
         painter.drawEllipse(1, 1, 12, 12)
 
 
+@dataclass(frozen=True)
+class ServerEntry:
+    """One of a connected server's models in the list: a soft prompt the server serves."""
+
+    name: str
+    tokens: int = 0
+    valid: bool = True
+    is_mixture: bool = False
+
+    @property
+    def path(self) -> Path:
+        return server_path(self.name)
+
+
 class SoftPromptPanel(QWidget):
     load_requested = Signal(object)  # a Path, or None to unload
     new_mixture_requested = Signal()
@@ -90,6 +107,7 @@ class SoftPromptPanel(QWidget):
         self.active_paths: tuple[Path, ...] = ()
         self.light_status: SoftPromptStatus | None = None
         self.outside: LibraryEntry | None = None  # the active soft prompt, when it is not in a library folder
+        self.server: tuple[str, list[ServerEntry]] | None = None  # (address, models) while writing with a server
 
         self.light = StatusLight(self)
         self.list = QListWidget(self)
@@ -162,14 +180,26 @@ class SoftPromptPanel(QWidget):
         if item is not None:
             self.list.setCurrentItem(item)
 
+    def set_server(self, address: str | None, models=()) -> None:
+        """List a server's models (its soft prompts) instead of the library; None: the library."""
+        self.server = None if address is None else (address, [ServerEntry(m.name, m.softprompt_tokens) for m in models])
+        for button in (self.refresh_button, self.folder_button, self.mixture_button, self.learn_button):
+            button.setVisible(address is None)
+        self.refresh()
+
     def refresh(self) -> None:
         keep = self.selected_entry().path if self.selected_entry() else None
-        entries = self.library.refresh()
+        entries = self.library.refresh() if self.server is None else []
         self.list.clear()
         none_item = QListWidgetItem(NONE_TEXT)
         none_item.setData(ENTRY_ROLE, None)
         self.list.addItem(none_item)
-        if self.outside is not None:
+        for entry in self.server[1] if self.server else ():
+            item = QListWidgetItem(f"{entry.name}" + (f" ({entry.tokens} tokens)" if entry.tokens else "")
+                                   + f"\non {self.server[0]}")
+            item.setData(ENTRY_ROLE, entry)
+            self.list.addItem(item)
+        if self.outside is not None and self.server is None:
             item = self._item(self.outside)
             item.setText(item.text() + f"\nloaded from {self.outside.path.parent}")
             item.setToolTip(f"{self.outside.path}\nNot in your soft prompt folder: drop it on the window to add it."
@@ -214,7 +244,7 @@ class SoftPromptPanel(QWidget):
         return item
 
     def fits(self, entry: LibraryEntry | None) -> tuple[bool, str]:
-        if entry is None:
+        if entry is None or isinstance(entry, ServerEntry):
             return True, ""
         compat = entry.compatibility(self.hidden_size, self.model_name)
         return compat.ok, compat.reason
@@ -223,6 +253,10 @@ class SoftPromptPanel(QWidget):
         entry = self.selected_entry()
         if entry is None:
             self.details.setText("No soft prompt: the model writes on its own.")
+        elif isinstance(entry, ServerEntry):
+            size = f" with a {entry.tokens}-token soft prompt" if entry.tokens else ""
+            where = self.server[0] if self.server else "the server"  # None while the list is rebuilt
+            self.details.setText(f"{entry.name}: a model served by {where}{size}. Load it to write with it.")
         elif entry.is_mixture:
             mode = {"bayes": "the soft prompt that explains the story best leads",
                     "fixed": "the same weights at every word"}[entry.mixture.mode]
@@ -285,7 +319,9 @@ class SoftPromptPanel(QWidget):
         self.light.set_status(status)
         first = self.active_paths[0] if self.active_paths else None
         outside = None
-        if first is not None and not any(same_file(e.path, first) for e in self.library.entries):
+        if self.server is not None:
+            first = first if first is not None and self.item_for(first) is not None else None
+        elif first is not None and not any(same_file(e.path, first) for e in self.library.entries):
             outside = self.library.entry_for(first)  # loaded by path (--softprompt some/file.zip)
         if outside != self.outside or (outside is None and first is not None and self.item_for(first) is None):
             self.outside = outside

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kobold_desktop.engine import ActiveMixture, Engine, LoadOptions, SamplingSettings
 from kobold_desktop.engine.generate import GenerationResult
+from kobold_desktop.engine.remote.client import server_model_name, server_path
 from kobold_desktop.qt._qt import QObject, Signal
 from kobold_desktop.qt.jobs import JobRunner
 from kobold_desktop.softprompt.mixture import is_mixture_file, read_mixture, resolve_members
@@ -30,6 +31,7 @@ class ModelStatus:
     dtype: str
     context_length: int
     hidden_size: int
+    remote: bool = False  # a server writes (Model ▸ Connect to server…), not a local model
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class ModelWorker(QObject):
     def __init__(self, engine: Engine | None = None):
         super().__init__()
         self.engine = engine or Engine()
+        self.remote = None  # a RemoteSession while the window writes with a server
         self.cancel_event = threading.Event()
         self.library_folders: list[Path] = []  # where a mixture's members are looked for (after its own folder)
         self.runner = JobRunner("model", self)
@@ -86,25 +89,32 @@ class ModelWorker(QObject):
     def busy(self) -> bool:
         return self.runner.busy
 
+    @property
+    def active(self):
+        """What writes: the connected server, else the local engine."""
+        return self.remote if self.remote is not None else self.engine
+
     def model_status(self) -> ModelStatus | None:
-        """What the engine really holds now."""
-        if not self.engine.is_loaded:
+        """What the engine (or the server) really holds now."""
+        if not self.active.is_loaded:
             return None
-        loaded = self.engine.loaded
+        loaded = self.active.loaded
         return ModelStatus(name=loaded.info.name, source=loaded.source, device=loaded.device_label,
                            dtype=loaded.precision, context_length=loaded.context_length,
-                           hidden_size=self.engine.hidden_size)
+                           hidden_size=self.active.hidden_size, remote=self.remote is not None)
 
     def _report_state(self) -> None:
         self.model_loaded.emit(self.model_status())
         self.softprompt_changed.emit(self._softprompt_status())
 
     def _softprompt_status(self) -> SoftPromptStatus | None:
-        if not self.engine.is_loaded:
+        if not self.active.is_loaded:
             return None
-        active = self.engine.softprompt
+        active = self.active.softprompt
         if active is None:
             return None
+        if self.remote is not None:
+            return SoftPromptStatus(active.name, active.n_tokens, (server_path(active.name),), ())
         if isinstance(active, ActiveMixture):
             return SoftPromptStatus(active.name, active.n_tokens, (active.mixture.path, *active.paths), active.warnings,
                                     active.member_names, active.weights, active.mode)
@@ -116,6 +126,7 @@ class ModelWorker(QObject):
     def load_model(self, source: str, options: LoadOptions = LoadOptions()) -> None:
         def work():
             gc.unfreeze()  # the model being replaced can be collected
+            self.remote = None  # a local model replaces a server
             try:
                 self.engine.load(source, options, progress=self.progress.emit)
             finally:  # after a failure too: the old model is gone, and the window must say so
@@ -127,9 +138,28 @@ class ModelWorker(QObject):
 
         self._run("load", work)
 
+    def connect(self, url: str, api_key: str | None = None) -> None:
+        """Write with a remote server instead of a local model (which is unloaded: its
+        memory is the computer's again)."""
+        def work():
+            from kobold_desktop.engine.remote.client import RemoteSession
+
+            self.progress.emit(f"Connecting to {url}", 0.2)
+            session = RemoteSession(url, api_key or None).connect()
+            gc.unfreeze()
+            self.engine.unload()
+            self.remote = session
+            self._report_state()
+
+        self._run("connect", work)
+
     def unload(self) -> None:
         def work():
-            gc.unfreeze()  # the model's objects can be collected again
+            gc.unfreeze()
+            if self.remote is not None:  # disconnect
+                self.remote = None
+                self._report_state()
+                return  # the model's objects can be collected again
             self.engine.unload()  # waits for the engine's lock (a server request may hold it)
             self._report_state()
 
@@ -138,7 +168,9 @@ class ModelWorker(QObject):
     def set_softprompt(self, path: Path | None) -> None:
         def work():
             try:
-                if path is not None and is_mixture_file(Path(path)):
+                if self.remote is not None:
+                    self.remote.set_softprompt(None if path is None else server_model_name(path))
+                elif path is not None and is_mixture_file(Path(path)):
                     mixture = read_mixture(path)
                     self.engine.set_mixture(mixture, resolve_members(mixture, self.library_folders))
                 else:
@@ -150,10 +182,11 @@ class ModelWorker(QObject):
 
     def generate(self, story: Story, settings: SamplingSettings, context_limit: int) -> None:
         def work():
-            budget = self.engine.context_budget(settings, context_limit or None)
-            built = build_context(story, self.engine.loaded.tokenizer, budget)
+            active = self.active
+            budget = active.context_budget(settings, context_limit or None)
+            built = build_context(story, active.loaded.tokenizer, budget)
             result: GenerationResult | None = None
-            for event in self.engine.stream(built.ids, settings, self.cancel_event):
+            for event in active.stream(built.ids, settings, self.cancel_event):
                 if isinstance(event, GenerationResult):
                     result = event
                 else:
