@@ -69,8 +69,8 @@ class ServerControl(QObject):
             return self.state in ("starting", "running")
         status = window.model_status
         if status is None or status.remote:
-            window.notify("No model", "The server serves a local model: load one before starting it"
-                          + (" (the window writes with another server now)." if status else "."), error=True)
+            window.notify("No model", "Load a model before starting the server" + (
+                " (it serves a local model; the window writes with another server now)." if status else "."), error=True)
             return False
         port = port if port is not None else int(window.settings.get("server.port", 2242))
         self.state = "starting"
