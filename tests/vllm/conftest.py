@@ -27,7 +27,7 @@ VLLM_PYTHON = os.environ.get("KOBOLD_VLLM_PYTHON")
 # reference engine; a small KV cache (this machine has 2 cores and one NUMA node of 7 GiB).
 VLLM_ARGS = "--dtype float32 --max-model-len 256 --enforce-eager --gpu-memory-utilization 0.3 --max-num-seqs 16"
 
-pytestmark = pytest.mark.skipif(not VLLM_PYTHON, reason="needs vLLM: run `make test-vllm`")
+SKIP = pytest.mark.skipif(not VLLM_PYTHON, reason="needs vLLM: `make test-vllm` (which .ci/run runs) sets it up")
 
 
 def free_port() -> int:
