@@ -66,3 +66,12 @@ def test_one_module_per_command():
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
     for name in commands:
         assert (PACKAGE / "cli" / f"{name}.py").is_file(), name
+
+
+def test_every_package_folder_is_a_regular_package():
+    """setuptools' find_packages and PyInstaller skip a folder without __init__.py: an
+    editable install would work and a wheel or the bundle would lack it."""
+    missing = [str(folder.relative_to(PACKAGE.parent)) for folder in PACKAGE.rglob("*")
+               if folder.is_dir() and folder.name != "__pycache__" and any(folder.glob("*.py"))
+               and not (folder / "__init__.py").exists()]
+    assert not missing
