@@ -53,6 +53,9 @@ def remote_backend(model: str, config, args: argparse.Namespace):
     from kobold_desktop.engine.remote.vllm import VllmClient, VllmProcess
     from kobold_desktop.server.vllm import VllmScheduler
 
+    # The model folder first: a wrong one is said at once, not after vLLM's minute of start-up.
+    print(f"Reading {model}'s tokenizer and input embeddings ...", file=sys.stderr)
+    loaded = load_embeddings_only(model)
     process = None
     try:
         url = config.backend_url
@@ -61,11 +64,9 @@ def remote_backend(model: str, config, args: argparse.Namespace):
             print(f"Starting vLLM: {shlex.join(process.args)}", file=sys.stderr, flush=True)
             process.start(progress=lambda message: print(message, file=sys.stderr, flush=True))
             url = process.url
-        print(f"Reading {model}'s tokenizer and input embeddings ...", file=sys.stderr)
-        loaded = load_embeddings_only(model)
         client = VllmClient(url, api_key=config.backend_api_key)
         try:
-            served, limit = client.model(), client.max_model_len()
+            served, limit = client.describe()
             if limit and limit < loaded.context_length:  # vLLM may serve a shorter context than the config's
                 loaded.info = replace(loaded.info, context_length=limit)
             print(f"vLLM at {client.url} serves '{served}' (context {limit or '?'}).", file=sys.stderr)
@@ -89,7 +90,7 @@ def serve(service, config, args: argparse.Namespace) -> int:
         raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from exc
     warn_if_exposed(config.host, config.api_key)
     names = ", ".join(service.adapters) or "none"
-    backend = f" on vLLM at {service.scheduler.client.url}" if service.backend == "vllm" else ""
+    backend = f" on vLLM at {service.scheduler.client.url}" if config.backend == "vllm" else ""
     print(f"Serving {service.model_id}{backend} (soft prompts: {names}) at {server.url}/v1 (OpenAI) and "
           f"{server.url}/api (KoboldAI); Ctrl+C stops.", file=sys.stderr, flush=True)
     try:

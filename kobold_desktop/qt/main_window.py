@@ -614,7 +614,7 @@ class MainWindow(QMainWindow):
             self.softprompt_panel.set_model(None, None)
             return
         if status.remote:
-            self.model_label.setText(f"{status.device} ({status.source}) · {status.name} · {status.dtype} · "
+            self.model_label.setText(f"Server {status.source} · {status.name} · {status.dtype} · "
                                      f"context {status.context_length}")
             self.softprompt_panel.set_server(status.source, self.worker.remote.models)
             self.sampler_panel.context_size.setMaximum(status.context_length)

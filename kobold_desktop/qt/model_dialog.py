@@ -21,6 +21,23 @@ from kobold_desktop.qt._qt import (
 )
 
 
+def recent_list(dialog: QDialog, items: list[str], target: QLineEdit, name: str) -> QListWidget:
+    """Recent choices: one click fills `target`, a double click accepts."""
+    recent = QListWidget(dialog)
+    recent.setAccessibleName(name)
+    recent.addItems(items)
+    recent.currentTextChanged.connect(target.setText)
+    recent.itemDoubleClicked.connect(lambda *_: dialog.accept())
+    return recent
+
+
+def ok_cancel(dialog: QDialog) -> QDialogButtonBox:
+    buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, dialog)
+    buttons.accepted.connect(dialog.accept)
+    buttons.rejected.connect(dialog.reject)
+    return buttons
+
+
 class ModelDialog(QDialog):
     def __init__(self, recent: list[str], current: str = "", parent=None):
         super().__init__(parent)
@@ -37,11 +54,7 @@ class ModelDialog(QDialog):
         row.addWidget(self.source, 1)
         row.addWidget(browse)
         row.addWidget(browse_file)
-        self.recent = QListWidget(self)
-        self.recent.setAccessibleName("Recent models")
-        self.recent.addItems(recent)
-        self.recent.currentTextChanged.connect(self.source.setText)
-        self.recent.itemDoubleClicked.connect(lambda *_: self.accept())
+        self.recent = recent_list(self, recent, self.source, "Recent models")
         self.device = QComboBox(self)
         self.device.addItems(["auto", "cuda", "mps", "cpu"])
         self.dtype = QComboBox(self)
@@ -61,9 +74,7 @@ class ModelDialog(QDialog):
         form.addRow("GGUF: CPU threads", self.threads)
         form.addRow("GGUF: context size", self.context)
         form.addRow("GGUF: layers on the GPU", self.gpu_layers)
-        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, self)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
+        buttons = ok_cancel(self)
         layout = QVBoxLayout(self)
         layout.addWidget(QLabel("Model folder or Hugging Face id"))
         layout.addLayout(row)
@@ -123,17 +134,11 @@ class ConnectDialog(QDialog):
         self.key.setEchoMode(QLineEdit.Password)
         self.key.setPlaceholderText("only if the server asks for one")
         self.key.setAccessibleName("API key")
-        self.recent = QListWidget(self)
-        self.recent.setAccessibleName("Recent servers")
-        self.recent.addItems(recent)
-        self.recent.currentTextChanged.connect(self.url.setText)
-        self.recent.itemDoubleClicked.connect(lambda *_: self.accept())
+        self.recent = recent_list(self, recent, self.url, "Recent servers")
         form = QFormLayout()
         form.addRow("Server address", self.url)
         form.addRow("API key", self.key)
-        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, self)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
+        buttons = ok_cancel(self)
         layout = QVBoxLayout(self)
         layout.addWidget(QLabel("Write with a model on another server: its models are your soft prompt list."))
         layout.addLayout(form)

@@ -95,7 +95,6 @@ class Service:
         self._lock = threading.Lock()
         self.model_id = engine.loaded.info.name
         self.start_paths: set[Path] = set()  # paths given at start may be loaded again by path
-        self.backend = "vllm" if scheduler is not None else "local"
         if config.prompt_adapters and not config.enable_prompt_adapter:
             raise ServeConfigError("prompt_adapters are listed but enable_prompt_adapter is false.")
         for name, source in config.prompt_adapters.items():

@@ -35,8 +35,6 @@ class VllmScheduler:
     def __init__(self, engine: Engine, client: VllmClient):
         self.engine = engine
         self.client = client
-        self.running = 0  # requests in flight, for tests and benchmarks
-        self._lock = threading.Lock()
 
     def submit(self, prompt_ids: Seq[int], softprompt: Active | None,
                settings: SamplingSettings) -> RequestStream:
@@ -57,8 +55,6 @@ class VllmScheduler:
         # exactly what the local backend writes for the same tokens.
         text = Continuation(loaded.tokenizer, ids, n_soft, settings, eos_token_ids(loaded.model, loaded.tokenizer),
                             stream.cancel)
-        with self._lock:
-            self.running += 1
         threading.Thread(target=self._pump, args=(events, stream, text), name="vllm-request", daemon=True).start()
         return stream
 
@@ -94,8 +90,6 @@ class VllmScheduler:
             stream.put(RemoteError(f"the request to vLLM failed: {exc}"))
         finally:
             events.close()
-            with self._lock:
-                self.running -= 1
 
     def stop(self) -> None:
         """Nothing to stop here: requests in flight end when their clients go."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -48,11 +48,6 @@ class RemoteChoice:
 
     name: str
     n_tokens: int = 0
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def sources(self) -> tuple:
-        return ()
 
 
 @dataclass
@@ -70,7 +65,6 @@ class RemoteLoaded:
     tokenizer: Any
     device_label: str
     precision: str
-    backend: str = "remote"
 
     @property
     def context_length(self) -> int:
@@ -110,26 +104,24 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-@dataclass
 class RemoteSession:
-    url: str
-    api_key: str | None = None
-    timeout: float = 600.0
-    lock: Any = field(default_factory=threading.RLock)
-
-    def __post_init__(self):
-        self.endpoint = Endpoint.parse(self.url)
-        root = self.endpoint.prefix.removesuffix("/v1").removesuffix("/api")
-        self.endpoint = self.endpoint.with_prefix(root)
-        self.http = HttpClient(self.endpoint, self.api_key, name="the server", timeout=self.timeout)
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0):
+        endpoint = Endpoint.parse(url)  # the server's root, given with or without /v1 or /api
+        self.endpoint = endpoint.with_prefix(endpoint.prefix.removesuffix("/v1").removesuffix("/api"))
+        self.http = HttpClient(self.endpoint, api_key, name="the server", timeout=timeout)
+        self.lock = threading.RLock()
         self.dialect = ""  # "openai", "koboldcpp" or "koboldai": how we generate
         self.base_model = ""
         self.models: list[ServerModel] = []
-        self.context_length = 2048
-        self.tokenizer: Any = CharTokenizer()
-        self.by_chars = True
+        self.context_length = 2048  # until the server says
+        self.tokenizer: ServerTokenizer | CharTokenizer = CharTokenizer()
         self._softprompt: RemoteChoice | None = None
         self.connected = False
+
+    @property
+    def by_chars(self) -> bool:
+        """No tokenizer of the server's: the context is counted in characters."""
+        return isinstance(self.tokenizer, CharTokenizer)
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -149,9 +141,11 @@ class RemoteSession:
             self.models = [ServerModel(str(m["id"]), int(m.get("softprompt_tokens") or 0))
                            for m in listed if m is not bases[0]]
             length = bases[0].get("max_model_len")
-            if isinstance(length, int) and length > 0:
+            told = isinstance(length, int) and length > 0
+            if told:
                 self.context_length = length
         else:
+            told = False
             try:
                 self.base_model = str(self.http.get("/api/v1/model", timeout=15).get("result", "model"))
             except RemoteError as exc:
@@ -163,7 +157,7 @@ class RemoteSession:
                 self.models = [ServerModel(str(v["value"])) for v in values if v.get("value")]
             except RemoteError:
                 self.models = []
-        if self.dialect != "openai" or not self.context_length:
+        if not told:  # KoboldAI's route (KoboldCpp's OpenAI models list has no length)
             try:
                 self.context_length = int(self.http.get("/api/v1/config/max_context_length", timeout=15)["value"])
             except (RemoteError, KeyError, TypeError, ValueError):
@@ -185,12 +179,11 @@ class RemoteSession:
             try:
                 if tokenizer("Hello there", add_special_tokens=False)["input_ids"] and tokenizer.decode(
                         tokenizer("Hi", add_special_tokens=False)["input_ids"]).strip() == "Hi":
-                    self.tokenizer, self.by_chars = tokenizer, False
-                    self.token_dialect = dialect
+                    self.tokenizer = tokenizer
                     return
             except RemoteError:
                 continue
-        self.tokenizer, self.by_chars = CharTokenizer(), True
+        self.tokenizer = CharTokenizer()
 
     # -- the Engine's shape ---------------------------------------------------------------
 
@@ -283,7 +276,9 @@ class RemoteSession:
     def _start(self, ids: list[int], settings: SamplingSettings):
         model = self._softprompt.name if self._softprompt else None
         if self.dialect == "openai":
-            prompt: Any = ids if not self.by_chars and self.token_dialect == "openai" else self._prompt_text(ids)
+            # Token ids when they are the server's own (ours, vLLM), else the text
+            exact = isinstance(self.tokenizer, ServerTokenizer) and self.tokenizer.dialect == "openai"
+            prompt: Any = ids if exact else self._prompt_text(ids)
             body = {"model": model or self.base_model, "prompt": prompt, "stream": True,
                     "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,
                     "top_p": settings.top_p, "top_k": settings.top_k, "min_p": settings.min_p,

@@ -91,9 +91,10 @@ def _download(repo: str) -> Path:
             hf_hub_download(repo, name)
         folder = Path(hf_hub_download(repo, "config.json")).parent
         if INDEX_FILE in files:
-            key = find_embedding_key(json.loads((folder / INDEX_FILE).read_text())["weight_map"])
+            weight_map = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
+            key = find_embedding_key(weight_map)
             if key is not None:
-                hf_hub_download(repo, json.loads((folder / INDEX_FILE).read_text())["weight_map"][key])
+                hf_hub_download(repo, weight_map[key])
         elif SINGLE_FILE in files:
             hf_hub_download(repo, SINGLE_FILE)
     except Exception as exc:  # noqa: BLE001 - network and hub errors of many kinds

@@ -88,7 +88,7 @@ class VllmClient:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0):
         self.endpoint = openai_endpoint(url)
         self.http = HttpClient(self.endpoint, api_key, name="vLLM", timeout=timeout)
-        self._model: str | None = None
+        self._model: tuple[str, int | None] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -104,14 +104,16 @@ class VllmClient:
 
     def model(self) -> str:
         """The name vLLM serves its model under (asked once, then remembered)."""
+        return self.describe()[0]
+
+    def describe(self) -> tuple[str, int | None]:
+        """(the served model's name, its context length if vLLM says), asked once."""
         with self._lock:
             if self._model is None:
-                self._model = str(self.models()[0]["id"])
+                first = self.models()[0]
+                length = first.get("max_model_len")
+                self._model = (str(first["id"]), length if isinstance(length, int) and length > 0 else None)
             return self._model
-
-    def max_model_len(self) -> int | None:
-        value = self.models()[0].get("max_model_len")
-        return value if isinstance(value, int) and value > 0 else None
 
     def complete(self, prompt_ids: Sequence[int] | None, embeds: torch.Tensor | None,
                  fields: dict[str, Any]) -> EventStream:
@@ -194,11 +196,9 @@ class VllmProcess:
     def start(self, timeout: float = 900.0, progress=lambda message: None) -> None:
         """Start vLLM and wait until it answers; raises with the end of its log if it
         stops first or does not answer in time."""
-        env = dict(os.environ)
-        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        client = HttpClient(Endpoint(
-            "http", self.host, self.port, ""), name="vLLM", timeout=5)
+        client = HttpClient(Endpoint("http", self.host, self.port, ""), name="vLLM", timeout=5)
         started = time.monotonic()
         last_report = started
         while True:
@@ -229,11 +229,14 @@ class VllmProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         process, self.process = self.process, None
+        self.log.close()  # the file stays, for the user to read
         if process is None or process.poll() is not None:
             return
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 10.0)):
+        # vLLM starts worker processes: stop its whole group (its own session, see start).
+        for stop, wait in ((lambda: os.killpg(process.pid, signal.SIGINT), timeout),
+                           (lambda: os.killpg(process.pid, signal.SIGKILL), 10.0)):
             try:
-                os.killpg(process.pid, sig)
+                stop()
             except (ProcessLookupError, PermissionError):
                 return
             try:
