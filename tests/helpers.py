@@ -90,3 +90,35 @@ def tiny_gpt2(folder: Path | None = None, hidden: int = 32, seed: int = 0):
     if folder is not None:
         model.save_pretrained(folder)
     return model
+
+
+def greedy_reference(model, ids, max_new_tokens: int, rows=None, eos_id: int = 0) -> list[int]:
+    """Greedy decoding from first principles, the reference every equality test uses: each
+    step runs the whole sequence again with no cache, on `inputs_embeds` = [soft prompt
+    rows][token embeddings] (positions count the rows, as PEFT's prompt tuning defines),
+    and takes the most likely token; stops before EOS. Nothing here depends on a library's
+    generate, which changes between releases."""
+    import torch
+
+    embed = model.get_input_embeddings()
+    tokens, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            x = embed(torch.tensor([tokens], dtype=torch.long))
+            if rows is not None:
+                x = torch.cat([rows[None].to(x.dtype), x], dim=1)
+            mask = torch.ones(x.shape[:2], dtype=torch.long)
+            logits = model(inputs_embeds=x, attention_mask=mask, use_cache=False).logits[0, -1]
+            token = int(logits.argmax())
+            if token == eos_id:
+                break
+            out.append(token)
+            tokens.append(token)
+    return out
+
+
+def adapter_rows(folder):
+    """The prompt-tuning rows exactly as a PEFT adapter folder stores them."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))["prompt_embeddings"]

@@ -187,6 +187,9 @@ class StepCore(BaseCore):
         self.prefix_cache = prefix_cache
         self._extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         self._positions = _accepts(model, "position_ids")
+        # transformers 5.x names the cache argument `cache`; `past_key_values` (still the
+        # name before it, and in models not yet migrated) warns and goes in 5.40.
+        self._cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
         self._cache: Any = None  # the batch's DynamicCache, rows left-padded
         self._mask: torch.Tensor | None = None  # [rows, length] 1 for real positions
 
@@ -200,7 +203,7 @@ class StepCore(BaseCore):
 
     def _forward(self, mask: torch.Tensor, positions: torch.Tensor, cache: Any, **inputs: Any) -> Any:
         kwargs = {"position_ids": positions} if self._positions else {}
-        return self.model(attention_mask=mask, past_key_values=cache, use_cache=True, **inputs, **kwargs,
+        return self.model(attention_mask=mask, use_cache=True, **{self._cache_arg: cache}, **inputs, **kwargs,
                           **self._extra)
 
     def add(self, request: Request) -> None:
@@ -246,7 +249,7 @@ class StepCore(BaseCore):
             else:
                 positions = torch.arange(reused, total, device=device)[None]
                 out = self._forward(mask, positions, cache, **inputs)
-                cache, logits = out.past_key_values, out.logits[:, -1, :]
+                cache, logits = kv.returned(out), out.logits[:, -1, :]
         self.tokens_run += total - reused
         self.tokens_reused += reused
         seq.reused = reused
@@ -276,9 +279,9 @@ class StepCore(BaseCore):
             positions = torch.arange(first, last, device=device)[None]
             extra = {"logits_to_keep": 0} if self._extra else {}
             kwargs = {"position_ids": positions} if self._positions else {}
-            out = self.model(attention_mask=mask, past_key_values=cache, use_cache=True, **{name: part},
+            out = self.model(attention_mask=mask, use_cache=True, **{self._cache_arg: cache}, **{name: part},
                              **kwargs, **extra)
-            cache = out.past_key_values
+            cache = kv.returned(out)
             piece = score_tokens(out.logits[0], first, last, n_soft, ids)
             if piece is not None:
                 pieces.append(piece)
@@ -337,7 +340,7 @@ class StepCore(BaseCore):
         positions = torch.tensor([[seq.next_position] for seq in rows], device=self.device)
         with torch.inference_mode():
             out = self._forward(self._mask, positions, self._cache, input_ids=tokens[:, None])
-        self._cache = out.past_key_values
+        self._cache = kv.returned(out)
         self._advance(rows, tokens, host_ids, out.logits[:, -1, :])
 
     def _drop_all(self) -> None:

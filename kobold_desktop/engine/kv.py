@@ -17,6 +17,13 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
+def returned(out: Any) -> Any:
+    """The cache a forward pass returned. transformers 5.x calls the field `cache`; reading
+    the older name `past_key_values` from such an output warns, so look up whichever is set."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
+
+
 def is_joinable(cache: Any) -> bool:
     """True when every layer is a full-attention `DynamicLayer` holding tensors."""
     layers = getattr(cache, "layers", None)

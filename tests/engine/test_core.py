@@ -16,7 +16,7 @@ from kobold_desktop.engine.generate import generate_step
 from kobold_desktop.engine.sequence import Sequence, eos_token_ids
 from kobold_desktop.softprompt import Metadata, kobold_zip
 
-from ..helpers import FLOAT32
+from ..helpers import FLOAT32, greedy_reference
 
 GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=16)
 PROMPTS = ["The knight", "Once upon a time there was a", "In", "She opened the door and saw"]
@@ -53,13 +53,9 @@ def softprompts(arch_engine, tmp_path):
 
 
 def reference(engine, prompt, max_new_tokens):
-    """transformers' own greedy generate, cut at EOS the way we report tokens."""
-    ids = torch.tensor([engine.encode(prompt) if isinstance(prompt, str) else list(prompt)])
-    with torch.inference_mode():
-        out = engine.loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                           max_new_tokens=max_new_tokens, pad_token_id=0)
-    tokens = out[0, ids.shape[1]:].tolist()
-    return tuple(tokens[: tokens.index(0)] if 0 in tokens else tokens)
+    """Greedy decoding from first principles (a full forward pass per token)."""
+    ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    return tuple(greedy_reference(engine.loaded.model, ids, max_new_tokens))
 
 
 def alone(engine, prompt, settings, softprompt):

@@ -1,4 +1,5 @@
-"""Generation correctness: equal to transformers and PEFT token for token."""
+"""Generation correctness: equal, token for token, to greedy decoding computed from first
+principles (a full forward pass per token), with and without soft prompts."""
 
 import threading
 
@@ -9,26 +10,17 @@ from kobold_desktop.engine import Engine, GenerationResult, ModelError, Sampling
 from kobold_desktop.softprompt import Metadata, kobold_zip
 from kobold_desktop.softprompt.errors import HiddenSizeMismatchError
 
-from ..helpers import FLOAT32
+from ..helpers import FLOAT32, adapter_rows, greedy_reference
 
 GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=24)
 PROMPT = "The knight rode through the dark"
 
 
-def reference_generate(model, ids, max_new_tokens, eos_id=0, **kwargs):
-    """transformers' own greedy generate, cut at EOS the way we report tokens."""
-    input_ids = torch.tensor([ids])
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos_id, **kwargs)
-    tokens = out[0, input_ids.shape[1]:].tolist()
-    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
-
-
-def test_without_softprompt_equals_model_generate(arch_engine):
+def test_without_softprompt_equals_the_reference(arch_engine):
     _, engine = arch_engine
     ids = engine.encode(PROMPT)
     result = engine.generate(ids, GREEDY)
-    assert list(result.token_ids) == reference_generate(engine.loaded.model, ids, GREEDY.max_new_tokens)
+    assert list(result.token_ids) == greedy_reference(engine.loaded.model, ids, GREEDY.max_new_tokens)
     assert result.generated_tokens == len(result.token_ids) > 0
 
 
@@ -51,7 +43,9 @@ def test_softprompt_of_embeddings_equals_the_hard_prompt(arch_engine, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "opt"])
-def test_peft_prompt_tuning_adapter_matches_peft_generate(model_dirs, tmp_path, arch):
+def test_a_peft_prompt_tuning_adapter_equals_the_reference(model_dirs, tmp_path, arch):
+    """PEFT writes the adapter (as users get them); the reference reads its rows straight
+    from the safetensors file and puts them before every token, BOS included."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -69,14 +63,11 @@ def test_peft_prompt_tuning_adapter_matches_peft_generate(model_dirs, tmp_path, 
     assert active.n_tokens == 7
     ids = engine.encode(PROMPT)
     ours = engine.generate(ids, GREEDY)
-    input_ids = torch.tensor([ids])
-    with torch.no_grad():
-        out = peft_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                  max_new_tokens=GREEDY.max_new_tokens, do_sample=False, pad_token_id=0)
-    theirs = out[0].tolist()[len(ids):]
-    theirs = theirs[: theirs.index(0)] if 0 in theirs else theirs
+    plain = AutoModelForCausalLM.from_pretrained(model_dirs[arch]).eval()
+    theirs = greedy_reference(plain, ids, GREEDY.max_new_tokens, rows=adapter_rows(tmp_path / "adapter"))
     assert len(theirs) > 10
     assert list(ours.token_ids) == theirs
+    assert theirs != greedy_reference(plain, ids, GREEDY.max_new_tokens)  # the rows steer
 
 
 def test_stream_yields_chunks_then_a_result(engine):
@@ -190,3 +181,20 @@ def test_bad_settings_are_refused(bad):
 
     with pytest.raises(SettingsError):
         SamplingSettings(**bad)
+
+
+def test_an_ordinary_run_warns_of_nothing(arch_engine, caplog):
+    """transformers 5.x renamed the cache argument and output (`past_key_values` -> `cache`);
+    the old name warns now and goes in 5.40. Generation with and without a prefix-cache hit
+    uses whichever name the model takes, so nothing is printed."""
+    import logging
+    import warnings
+
+    _, engine = arch_engine
+    logging.Logger.warning_once.cache_clear()  # transformers logs each warning once per process
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, logger="transformers"):
+        warnings.simplefilter("always")
+        engine.generate(PROMPT, GREEDY.with_changes(max_new_tokens=4))
+        engine.generate(PROMPT + " forest", GREEDY.with_changes(max_new_tokens=4))  # extends the cached prefix
+    assert [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)] == []
+    assert [r.getMessage() for r in caplog.records] == []

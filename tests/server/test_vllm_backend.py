@@ -29,6 +29,7 @@ from kobold_desktop.server.service import Service
 from kobold_desktop.server.vllm import VllmScheduler
 from kobold_desktop.softprompt.mixture import Mixture, MixtureMember, write_mixture
 
+from ..helpers import greedy_reference
 from .conftest import Client
 from .test_front_ends import SILLYTAVERN, sse
 from .test_server import GREEDY
@@ -90,16 +91,12 @@ class FakeVllm:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def generate(self, body) -> list[int]:
-        if "prompt_embeds" in body:
+        if "prompt_embeds" in body:  # vLLM takes the whole prompt as embeddings
             rows = torch.load(io.BytesIO(base64.b64decode(body["prompt_embeds"])), weights_only=True)
-            inputs = {"inputs_embeds": rows[None].to(torch.float32)}
+            tokens = greedy_reference(self.model, [], body["max_tokens"], rows=rows.to(torch.float32))
         else:
-            inputs = {"input_ids": torch.tensor([body["prompt"]])}
-        with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=body["max_tokens"], do_sample=False,
-                                      attention_mask=torch.ones(1, next(iter(inputs.values())).shape[1],
-                                                                dtype=torch.long), pad_token_id=0)
-        return out[0, 0 if "prompt_embeds" in body else len(body["prompt"]):].tolist()
+            tokens = greedy_reference(self.model, body["prompt"], body["max_tokens"])
+        return tokens + [0] if len(tokens) < body["max_tokens"] else tokens  # vLLM returns the EOS it stopped on
 
     def close(self):
         self.server.shutdown()

@@ -92,22 +92,27 @@ def test_cancel_then_resume_gives_the_uninterrupted_result(tune_engine, tmp_path
     assert fresh.steps_done == 30  # a checkpoint from other settings is not mixed in
 
 
-def test_exported_peft_adapter_gives_the_engines_logits(tune_engine, tune_model_dir, tmp_path):
+def test_an_exported_peft_adapter_is_read_by_peft_and_the_engine_as_trained(tune_engine, tune_model_dir, tmp_path):
+    """PEFT only reads the adapter (its loader is what users' tools use); the logits are
+    checked from first principles: the trained rows before the prompt's embeddings."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     config = TuningConfig(n_tokens=6, steps=10, batch_size=2, block_len=16)
     result = train_softprompt(tune_engine.loaded.model, tune_engine.loaded.tokenizer, blocks_for(tune_engine, config), config)
     peft_dir.write(tmp_path / "adapter", result.tensor, Metadata(name="t"), base_model=str(tune_model_dir))
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tune_model_dir), str(tmp_path / "adapter")).eval()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tune_model_dir), str(tmp_path / "adapter"))
+    torch.testing.assert_close(peft_model.get_prompt_embedding_to_save("default"), result.tensor.float(), rtol=0, atol=0)
     ids = torch.tensor([tune_engine.encode(" the dragon and the knight")])
+    model = AutoModelForCausalLM.from_pretrained(tune_model_dir).eval()
     with torch.no_grad():
-        theirs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -ids.shape[1]:]
+        embeds = torch.cat([result.tensor.float()[None], model.get_input_embeddings()(ids)], dim=1)
+        want = model(inputs_embeds=embeds).logits[:, -ids.shape[1]:]
         tune_engine.set_softprompt(tmp_path / "adapter")
-        model = tune_engine.loaded.model
-        embeds = torch.cat([tune_engine.softprompt.tensor.unsqueeze(0), model.get_input_embeddings()(ids)], dim=1)
-        ours = model(inputs_embeds=embeds).logits[:, -ids.shape[1]:]
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        engine_model = tune_engine.loaded.model
+        got = engine_model(inputs_embeds=torch.cat([tune_engine.softprompt.tensor[None],
+                                                    engine_model.get_input_embeddings()(ids)], dim=1)).logits[:, -ids.shape[1]:]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_initialisations(tune_engine):
