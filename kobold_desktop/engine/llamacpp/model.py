@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kobold_desktop.engine.errors import ModelError
+from kobold_desktop.engine.llamacpp import cpu
 from kobold_desktop.engine.prefix_cache import PrefixCache
 
 GGUF_MAGIC = b"GGUF"
@@ -52,7 +53,7 @@ def library() -> Any:
 
 
 _init_lock = threading.Lock()
-_initialised = False
+_cpu: cpu.CpuBackend | None = None
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
@@ -63,12 +64,20 @@ def _quiet(level: int, text: bytes, user_data: Any) -> None:
 
 
 def _init(lib: Any) -> None:
-    global _initialised
+    global _cpu
     with _init_lock:
-        if not _initialised:
+        if _cpu is None:
             lib.llama_log_set(_quiet, ctypes.c_void_p(0))
+            backend = cpu.load(lib)
             lib.llama_backend_init()
-            _initialised = True
+            _cpu = backend
+
+
+def cpu_backend() -> cpu.CpuBackend:
+    """The CPU code llama.cpp runs with in this process (loads llama.cpp if need be)."""
+    library()
+    assert _cpu is not None
+    return _cpu
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,9 @@ class GgufModel:
         if not is_gguf(self.path):
             raise ModelError(f"'{self.path.name}' is not a GGUF file (it does not start with 'GGUF').")
         mparams = lib.llama_model_default_params()
+        self.cpu = cpu_backend()
+        if self.cpu.extra_buffers_off:  # a build carrying AMX: its buffer type crashes (see cpu.py)
+            mparams.use_extra_bufts = False
         gpu = lib.llama_supports_gpu_offload()
         mparams.n_gpu_layers = options.gpu_layers if options.gpu_layers is not None else (999 if gpu else 0)
         self.gpu_layers = mparams.n_gpu_layers if gpu else 0
