@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,14 @@ DEFAULT_CONTEXT = 4096
 FLASH_ATTN_AUTO, FLASH_ATTN_OFF = -1, 0
 
 
+def weight_type(desc: str) -> str:
+    """The weight type in llama.cpp's model description ("llama 135M Q4_K - Medium"), named
+    as GGUF files are ("Q4_K_M")."""
+    parts = desc.split(" ", 2)
+    name = parts[2] if len(parts) == 3 else desc
+    return re.sub(r" - ([A-Za-z])[a-z]*$", lambda m: "_" + m.group(1).upper(), name)
+
+
 def default_threads() -> int:
     count = os.cpu_count() or 1
     return max(1, count // 2) if count >= 8 else count
@@ -163,7 +172,7 @@ class GgufModel:
             self.name = self.meta("general.name") or self.path.stem
             desc = ctypes.create_string_buffer(256)
             lib.llama_model_desc(self._model, desc, len(desc))
-            self.precision = desc.value.decode(errors="replace").split()[-1] if desc.value else "GGUF"
+            self.precision = weight_type(desc.value.decode(errors="replace")) if desc.value else "GGUF"
             self.architecture = self.meta("general.architecture") or "unknown"
             wanted = options.context or min(self.n_ctx_train or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
             self.context_length = min(wanted, self.n_ctx_train) if self.n_ctx_train else wanted
