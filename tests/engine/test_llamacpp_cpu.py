@@ -26,6 +26,7 @@ def test_the_weight_type_is_named_as_gguf_files_name_it():
 
     assert weight_type("llama 135M Q4_K - Medium") == "Q4_K_M"
     assert weight_type("llama ?B Q8_0") == "Q8_0"
+    assert weight_type("llama ?B all F32") == "F32"
     assert weight_type("qwen2 7B IQ2_XS - 2.3125 bpw") == "IQ2_XS - 2.3125 bpw"
 
 

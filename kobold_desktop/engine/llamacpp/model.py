@@ -102,6 +102,7 @@ def weight_type(desc: str) -> str:
     as GGUF files are ("Q4_K_M")."""
     parts = desc.split(" ", 2)
     name = parts[2] if len(parts) == 3 else desc
+    name = name.removeprefix("all ")  # "all F32": no tensor quantized
     return re.sub(r" - ([A-Za-z])[a-z]*$", lambda m: "_" + m.group(1).upper(), name)
 
 
