@@ -3,14 +3,19 @@
 Loads the demo model, lists the bundled soft prompts and loads one, generates with and
 without it and with a mixture of them, reads soft prompt zips compressed with Deflate64 and with LZMA, and starts
 the window's code offscreen. Where the demo model's GGUF is at hand (the bundle ships it),
-llama.cpp generates from it with a soft prompt too. Prints each check; exits 0 only if all passed. In the
-PyInstaller bundle this catches a missing hidden import before a user does.
+llama.cpp generates from it with a soft prompt too, in a child process: a crash in native
+code (an illegal instruction on an older CPU, a segfault) is then a failed check with its
+name, never a silent exit. Prints each check, with the device, precision and llama.cpp CPU
+variant chosen; exits 0 only if all passed. In the PyInstaller bundle this catches a
+missing hidden import before a user does.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,7 +76,9 @@ def run_self_test(out=print) -> int:
         engine = Engine()
         loaded = engine.load(folder)
         state["engine"] = engine
-        return f"{loaded.info.architecture}, hidden size {loaded.info.hidden_size}, {loaded.device_label}"
+        runs_on = loaded.runs_on()
+        return (f"{loaded.info.architecture}, hidden size {loaded.info.hidden_size}, on {runs_on['device']} "
+                f"in {runs_on['why']}")
 
     def bundled_softprompts() -> str:
         with tempfile.TemporaryDirectory() as user:
@@ -154,24 +161,6 @@ def run_self_test(out=print) -> int:
         app = QApplication.instance() or QApplication([])
         return f"Qt {app.platformName()} platform"
 
-    def gguf() -> str:
-        engine = Engine()
-        loaded = engine.load(paths.demo_gguf())
-        try:
-            greedy = SamplingSettings(max_new_tokens=12, temperature=0)
-            active = engine.set_softprompt(state["softprompt"].path) if "softprompt" in state else None
-            result = engine.generate("And it came to pass", greedy)
-            if result.generated_tokens == 0:
-                raise RuntimeError("nothing was generated")
-            detail = f"{loaded.precision}, {loaded.device_label}, {active.name if active else 'no soft prompt'}: "
-            if "engine" in state:  # how far the float32 transformers model agrees, token for token
-                theirs = state["engine"].generate("And it came to pass", greedy, softprompt=state["engine"].softprompt)
-                same = next((i for i, (a, b) in enumerate(zip(result.token_ids, theirs.token_ids)) if a != b), 12)
-                detail += f"first {same}/12 tokens as transformers, "
-            return detail + repr(result.text)
-        finally:
-            engine.unload()
-
     check("demo model loads", demo_model)
     check("bundled soft prompts list", bundled_softprompts)
     if "engine" in state:
@@ -182,13 +171,81 @@ def run_self_test(out=print) -> int:
             check("generates with a mixture of them", generate_with_mixture)
         check("the local server answers over HTTP", local_server)
     if getattr(sys, "frozen", False) or paths.demo_gguf().is_file():
-        check("llama.cpp generates from the demo GGUF with a soft prompt", gguf)
+        check("llama.cpp generates from the demo GGUF with a soft prompt", lambda: in_child("gguf"))
     check("reads a Deflate64 soft prompt zip", compressed("deflate64"))
     check("reads an LZMA soft prompt zip", compressed("lzma"))
     check("window code starts offscreen", window_code)
     failed = [name for name, ok in results if not ok]
     out(f"self-test: {len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed or len(results) < 9 else 0
+
+
+def _gguf_check() -> str:
+    """llama.cpp on the demo GGUF with a bundled soft prompt, against the float32
+    transformers model token for token."""
+    from kobold_desktop.engine import Engine, LoadOptions, SamplingSettings
+    from kobold_desktop.softprompt.library import SoftPromptLibrary
+
+    with tempfile.TemporaryDirectory() as user:
+        entries = [e for e in SoftPromptLibrary(Path(user), [paths.bundled_softprompt_dir()]).scan()
+                   if e.valid and e.softprompt is not None]
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0)
+    engine = Engine()
+    loaded = engine.load(paths.demo_gguf())
+    try:
+        active = engine.set_softprompt(entries[0].path) if entries else None
+        result = engine.generate("And it came to pass", greedy)
+        if result.generated_tokens == 0:
+            raise RuntimeError("nothing was generated")
+        runs_on = loaded.runs_on()
+        detail = f"{runs_on['why']}, {loaded.precision}, {active.name if active else 'no soft prompt'}: "
+    finally:
+        engine.unload()
+    reference = Engine()
+    reference.load(paths.demo_model_dir(), LoadOptions(dtype="float32"))
+    if entries:
+        reference.set_softprompt(entries[0].path)
+    theirs = reference.generate("And it came to pass", greedy)
+    same = next((i for i, (a, b) in enumerate(zip(result.token_ids, theirs.token_ids)) if a != b), 12)
+    return detail + f"first {same}/12 tokens as transformers in float32, {result.text!r}"
+
+
+NATIVE_CHECKS = {"gguf": _gguf_check}
+CHILD_PREFIX = "self-test-check: "
+
+
+def run_native_check(name: str) -> int:
+    """The child's side: run one native check, print its detail on one line."""
+    try:
+        detail = NATIVE_CHECKS[name]()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as this check's failure
+        print(f"{CHILD_PREFIX}{type(exc).__name__}: {exc}", flush=True)
+        return 1
+    print(f"{CHILD_PREFIX}{detail}", flush=True)
+    return 0
+
+
+def child_command(name: str) -> list[str]:
+    """This program again (the bundle's executable, or Python with our package)."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, "--self-test-check", name]
+    return [sys.executable, "-m", "kobold_desktop", "--self-test-check", name]
+
+
+def in_child(name: str, timeout: float = 600) -> str:
+    """Run a native check in a child process; a crash becomes this check's failure, named."""
+    done = subprocess.run(child_command(name), capture_output=True, text=True, timeout=timeout)
+    lines = [line[len(CHILD_PREFIX):] for line in done.stdout.splitlines() if line.startswith(CHILD_PREFIX)]
+    if done.returncode < 0:
+        try:
+            what = signal.Signals(-done.returncode).name
+        except ValueError:
+            what = f"signal {-done.returncode}"
+        raise RuntimeError(f"crashed in native code ({what}); the last it printed: "
+                           f"{(done.stderr.strip().splitlines() or ['nothing'])[-1][:300]}")
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(lines[-1] if lines else f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
+    return lines[-1]
 
 
 if __name__ == "__main__":

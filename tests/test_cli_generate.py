@@ -19,7 +19,13 @@ def test_generate_json_equals_the_engine(model_dirs, capsys):
     out, err = capsys.readouterr()
     assert code == 0
     data = json.loads(out)
-    assert set(data) == {"text", "finish_reason", "prompt_tokens", "softprompt_tokens", "generated_tokens", "seconds"}
+    assert set(data) == {"text", "finish_reason", "prompt_tokens", "softprompt_tokens", "generated_tokens", "seconds",
+                         "runs_on"}
+    # The precision is chosen per CPU (bfloat16 with AMX) and changes the text: it is said.
+    assert data["runs_on"]["backend"] == "transformers" and data["runs_on"]["device"] == "cpu"
+    assert data["runs_on"]["precision"] in ("float32", "bfloat16")
+    assert data["runs_on"]["why"].startswith(data["runs_on"]["precision"] + ": this CPU has")
+    assert f"Running on cpu in {data['runs_on']['precision']}" in err
     engine = Engine()
     engine.load(model)
     expected = engine.generate(prompt, SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=12))

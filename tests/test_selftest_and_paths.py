@@ -55,3 +55,35 @@ def test_portable_mode_keeps_user_files_beside_the_executable(tmp_path, monkeypa
     assert paths.user_data_dir() == exe.parent / "user-data" / "data"
     assert paths.user_config_dir() == exe.parent / "user-data" / "config"
     assert paths.user_softprompt_dir() == exe.parent / "user-data" / "data" / "softprompts"
+
+
+def test_a_native_crash_in_a_check_is_a_failed_check_with_its_name(fake_bundle, monkeypatch, capsys):
+    """A segfault (or an illegal instruction on an older CPU) inside llama.cpp used to end
+    --self-test silently with exit 139: the check runs in a child process now."""
+    from kobold_desktop import selftest
+
+    monkeypatch.setattr(paths, "demo_gguf", lambda: fake_bundle / "assets" / "demo-model-q8_0.gguf")
+    (fake_bundle / "assets" / "demo-model-q8_0.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr(selftest, "child_command",
+                        lambda name: [sys.executable, "-c", "import ctypes; ctypes.string_at(0)"])
+    assert main(["--self-test"]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] llama.cpp generates from the demo GGUF with a soft prompt: RuntimeError: crashed in native " \
+           "code (SIGSEGV)" in out
+    assert "[ok] window code starts offscreen" in out  # the checks after it still ran
+    assert "self-test: 10 passed, 1 failed" in out
+
+
+def test_a_native_checks_own_error_comes_back_from_the_child(tmp_path):
+    from kobold_desktop import selftest
+
+    if paths.demo_gguf().is_file():
+        pytest.skip("the demo GGUF is here (a bundle): the check would pass")
+    with pytest.raises(RuntimeError, match="ModelError: .*demo-model-q8_0.gguf"):
+        selftest.in_child("gguf")
+
+
+def test_the_self_test_says_where_and_in_what_precision_the_model_runs(fake_bundle, capsys):
+    assert main(["--self-test"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "demo model loads" in l)
+    assert "on cpu in " in line and ("float32: this CPU has no AMX" in line or "bfloat16: this CPU has AMX" in line)

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--screenshot", metavar="PNG", help="start the window, save it as PNG when ready, exit")
     parser.add_argument("--self-test", action="store_true",
                         help="check headless that the demo model, soft prompts and window code work; exit 0 if so")
+    # One native check of --self-test, run in a child process so that a crash is reported.
+    parser.add_argument("--self-test-check", metavar="NAME", help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in (generate, tune, serve, softprompt, model):
         command.add_parser(commands)
@@ -48,11 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.self_test:
-        from kobold_desktop.selftest import run_self_test
+    if args.self_test or args.self_test_check:
+        from kobold_desktop.selftest import run_native_check, run_self_test
 
         quiet_transformers()
-        return run_self_test()
+        return run_native_check(args.self_test_check) if args.self_test_check else run_self_test()
     if args.command is None:
         from kobold_desktop.qt.app import run_window
 

@@ -100,6 +100,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     print(f"Loading {model} ...", file=sys.stderr)
     engine.load(model, load_options(args, trust_remote_code=args.trust_remote_code))
+    runs_on = engine.loaded.runs_on()
+    print(f"Running on {runs_on['device']} in {runs_on['precision']} ({runs_on['why']}).", file=sys.stderr)
     active = None
     if mixture is not None:
         active = engine.set_mixture(*mixture)
@@ -118,6 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     assert result is not None
     if args.json:
         data = result.to_dict()
+        data["runs_on"] = runs_on
         if result.mixture_weights is not None:
             data["mixture_weights"] = {name: round(w, 6) for name, w in
                                        zip(active.member_names, result.mixture_weights)}

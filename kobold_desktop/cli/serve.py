@@ -91,8 +91,10 @@ def serve(service, config, args: argparse.Namespace) -> int:
     warn_if_exposed(config.host, config.api_key)
     names = ", ".join(service.adapters) or "none"
     backend = f" on vLLM at {service.scheduler.client.url}" if config.backend == "vllm" else ""
+    runs_on = service.runs_on()
     print(f"Serving {service.model_id}{backend} (soft prompts: {names}) at {server.url}/v1 (OpenAI) and "
           f"{server.url}/api (KoboldAI); Ctrl+C stops.", file=sys.stderr, flush=True)
+    print(f"Running on {runs_on['device']} in {runs_on['precision']} ({runs_on['why']}).", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

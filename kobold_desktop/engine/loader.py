@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from kobold_desktop.engine.device import choose_device, choose_dtype
+from kobold_desktop.engine.device import choose_device, choose_dtype, dtype_reason
 from kobold_desktop.engine.errors import ModelError
 from kobold_desktop.engine.model_info import ModelInfo, read_model_info
 from kobold_desktop.engine.llamacpp.model import is_gguf
@@ -47,6 +47,7 @@ class LoadedModel:
     source: str
     dtype: torch.dtype
     device_map: dict[str, Any] | None = field(default=None)
+    dtype_reason: str = ""  # why this precision (see device.dtype_reason)
 
     @property
     def backend(self) -> str:
@@ -67,6 +68,17 @@ class LoadedModel:
         if self.backend != "transformers":
             return self.model.precision
         return str(self.dtype).removeprefix("torch.")
+
+    def runs_on(self) -> dict[str, str]:
+        """Where and in what precision the model runs, and why: what `generate --json`, the
+        server's /v1/models and start-up line, the window and --self-test all say."""
+        if self.backend != "transformers":
+            gpu = self.model.gpu_layers
+            device = f"{gpu} layers on the GPU" if gpu else f"cpu ({self.model.cpu.variant})"
+            return {"backend": "llama.cpp", "device": device, "precision": self.precision,
+                    "why": self.model.cpu.describe()}
+        return {"backend": "transformers", "device": self.device_label, "precision": self.precision,
+                "why": self.dtype_reason}
 
     @property
     def hidden_size(self) -> int:
@@ -173,7 +185,8 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     progress("Ready", 1.0)
-    return LoadedModel(model, tokenizer, info, source, dtype, device_map)
+    return LoadedModel(model, tokenizer, info, source, dtype, device_map,
+                       dtype_reason=dtype_reason(device, options.dtype, dtype))
 
 
 def load_gguf(source: str | Path, options: LoadOptions = LoadOptions(), progress: Progress = _no_progress) -> LoadedModel:

@@ -179,16 +179,25 @@ class Service:
             raise ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
         return adapter.softprompt
 
+    def runs_on(self) -> dict[str, str]:
+        """Where and in what precision the model runs (LoadedModel.runs_on; vLLM's own)."""
+        if self.config.backend == "vllm":
+            return {"backend": "vllm", "device": self.scheduler.client.url, "precision": "vLLM's",
+                    "why": "vLLM runs the model; this server turns soft prompts into its prompt embeddings"}
+        return self.engine.loaded.runs_on()
+
     def models(self) -> dict[str, Any]:
         created = int(time.time())
+        runs_on = self.runs_on()
         base = {"id": self.model_id, "object": "model", "created": created, "owned_by": "kobold-desktop",
-                "root": self.model_id, "parent": None, "max_model_len": self.engine.context_length}
+                "root": self.model_id, "parent": None, "max_model_len": self.engine.context_length,
+                "runs_on": runs_on}
         with self._lock:
             adapters = list(self.adapters.values())
         return {"object": "list", "data": [base] + [
             {"id": a.name, "object": "model", "created": created, "owned_by": "kobold-desktop",
              "root": self.model_id, "parent": self.model_id, "max_model_len": self.engine.context_length,
-             "softprompt_tokens": a.softprompt.n_tokens, **self._mixture_info(a.softprompt)}
+             "softprompt_tokens": a.softprompt.n_tokens, "runs_on": runs_on, **self._mixture_info(a.softprompt)}
             for a in adapters]}
 
     @staticmethod

@@ -44,6 +44,9 @@ def test_openai_koboldai_and_koboldcpp_routes_run_on_llamacpp(gguf_server):
     client = Client(server)
     models = client.call("GET", "/v1/models")[1]
     assert [m["id"] for m in models["data"]] == [server.service.model_id, "sea", "forest"]
+    runs_on = models["data"][1]["runs_on"]  # which CPU code and weight type llama.cpp runs
+    assert runs_on["backend"] == "llama.cpp" and runs_on["precision"] == engine.loaded.precision
+    assert runs_on["why"].startswith("llama.cpp CPU variant ") and "sapphirerapids" not in runs_on["device"]
     status, body = client.call("POST", "/v1/completions", {**BODY, "model": "sea"})
     assert status == 200
     assert body["choices"][0]["text"] == expected(engine, "The knight rode", paths["sea"]).text

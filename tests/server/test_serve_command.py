@@ -51,6 +51,7 @@ def test_serve_from_a_yaml_config(model_dirs, tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Serving gpt2 (soft prompts: sea)" in err and "Traceback" not in err
+    assert "Running on cpu in " in err  # the device and the precision chosen for this CPU
 
 
 def test_serve_refuses_bad_adapters_with_exit_2(model_dirs, tmp_path, capsys):
