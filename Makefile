@@ -38,7 +38,7 @@ export CMAKE_ARGS
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-$(STAMP): pyproject.toml Makefile $(APP_LOCK)
+$(STAMP): pyproject.toml Makefile $(wildcard $(APP_LOCK) $(TORCH_LOCK))
 	@test -f $(APP_LOCK) || { echo "No lock for $(LOCK_TAG) in requirements/: 'make lock' writes one." >&2; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(LOCKED) $(APP_LOCK)
@@ -55,7 +55,7 @@ test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen KOBOLD_REQUIRE_GGUF=1 $(PY) -m pytest -q
 
 # dist/kobold-desktop/: the app in one folder that runs without Python; checked with --self-test.
-$(VLLM_STAMP): Makefile $(VLLM_LOCK)
+$(VLLM_STAMP): Makefile $(wildcard $(VLLM_LOCK) $(TORCH_LOCK))
 	@test -f $(VLLM_LOCK) || { echo "No lock for $(LOCK_TAG) in requirements/: 'make lock' writes one." >&2; exit 2; }
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install $(LOCKED) $(VLLM_LOCK)

@@ -16,7 +16,8 @@ q4_0/q4_K/iq4_nl weights, which are safe). A llama.cpp built with its CPU code l
 (a plain `pip install llama-cpp-python`, native) may carry AMX too: there the extra buffer
 types are turned off (`use_extra_bufts = False`) when AMX is among them.
 
-`KOBOLD_LLAMA_CPU=<variant>` forces one (to compare them, or to work around a bad one).
+`KOBOLD_LLAMA_CPU=<variant>` forces one (to compare them, or to work around a bad one);
+`KOBOLD_LLAMA_EXTRA_BUFFERS=0` turns the extra buffer types (the CPU repacks) off.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 from kobold_desktop.engine.errors import ModelError
 
 ENV = "KOBOLD_LLAMA_CPU"
+EXTRA_BUFFERS_ENV = "KOBOLD_LLAMA_EXTRA_BUFFERS"
 # Variants whose CPU code includes AMX tiles (llama.cpp's GGML_CPU_ALL_VARIANTS list).
 AMX_VARIANTS = frozenset({"sapphirerapids"})
 BUILT_IN = "built-in"

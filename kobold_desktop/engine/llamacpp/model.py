@@ -154,8 +154,8 @@ class GgufModel:
             raise ModelError(f"'{self.path.name}' is not a GGUF file (it does not start with 'GGUF').")
         mparams = lib.llama_model_default_params()
         self.cpu = cpu_backend()
-        if self.cpu.extra_buffers_off:  # a build carrying AMX: its buffer type crashes (see cpu.py)
-            mparams.use_extra_bufts = False
+        if self.cpu.extra_buffers_off or os.environ.get(cpu.EXTRA_BUFFERS_ENV) == "0":
+            mparams.use_extra_bufts = False  # a build carrying AMX, whose buffer type crashes (cpu.py)
         gpu = lib.llama_supports_gpu_offload()
         mparams.n_gpu_layers = options.gpu_layers if options.gpu_layers is not None else (999 if gpu else 0)
         self.gpu_layers = mparams.n_gpu_layers if gpu else 0
