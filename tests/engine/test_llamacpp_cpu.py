@@ -147,3 +147,33 @@ def test_each_x86_64_level_runs_quantized_weights(backend, typed, level):
     for kind in ("q4_0", "q8_0"):
         out = _run_forced(level, typed[kind])
         assert out["variant"] == level and len(out["tokens"]) == 8
+
+
+EMULATED = {"Nehalem": "sse42", "Haswell-v4": "haswell"}  # x86-64-v2 (no AVX) and v3 (no AVX-512)
+
+
+@pytest.mark.parametrize("model", sorted(EMULATED))
+def test_an_older_cpu_under_emulation_picks_its_level_and_decodes_the_same(backend, typed, model):
+    """What a user with an older CPU gets, checked here with qemu-user emulating that CPU
+    (`apt-get install qemu-user`): an illegal instruction anywhere in the path (our choice,
+    the variant's code, numpy, torch's sampling) would kill the process."""
+    import shutil
+
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-user is not installed (apt-get install qemu-user) to emulate an older CPU")
+    if backend.variant == cpu.BUILT_IN:
+        pytest.skip("this llama.cpp has its CPU code linked in (not built by make)")
+    code = ("import json, sys\n"
+            "from kobold_desktop.engine import Engine, SamplingSettings\n"
+            "from kobold_desktop.engine.llamacpp.model import cpu_backend\n"
+            "e = Engine(); e.load(sys.argv[1])\n"
+            "r = e.generate('Once upon a time', SamplingSettings(max_new_tokens=8, temperature=0, repetition_penalty=1.0))\n"
+            "print(json.dumps({'variant': cpu_backend().variant, 'tokens': list(r.token_ids)}))\n")
+    env = {k: v for k, v in os.environ.items() if k != cpu.ENV}
+    done = subprocess.run([qemu, "-cpu", model, sys.executable, "-c", code, str(typed["q8_0"])], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["variant"] == EMULATED[model]
+    assert out["tokens"] == _run_forced(backend.variant, typed["q8_0"])["tokens"]  # as natively here
