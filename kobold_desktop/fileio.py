@@ -82,3 +82,90 @@ def atomic_write_with(dest: Path, write: Callable[[Path], None], *, overwrite: b
     with staged_file(dest) as tmp:
         write(tmp)
         publish(tmp, dest, overwrite=overwrite)
+
+
+# -- reading files from outside -------------------------------------------------------------
+
+MAX_JSON_DEPTH = 64  # objects and arrays inside one another; no file of ours nests past 10
+
+
+class JsonError(ValueError):
+    """A JSON document that is malformed or beyond our limits, in words for a user."""
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings (a linear scan, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_json(data: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> object:
+    """json.loads with limits: nesting at most `max_depth` deep, numbers Python can hold
+    (integers of over 4,300 digits and floats beyond float64 are refused, not rounded to
+    infinity), UTF-8 text. Raises JsonError, and nothing else, for bad input."""
+    import json
+    import math
+
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    except UnicodeDecodeError as exc:
+        raise JsonError(f"it is not UTF-8 text (byte {exc.start})") from None
+    if _depth(text) > max_depth:
+        raise JsonError(f"it nests deeper than {max_depth} levels")
+
+    def parse_float(value: str) -> float:
+        number = float(value)
+        if not math.isfinite(number):
+            raise JsonError(f"the number {value[:40]} is beyond what a float can hold")
+        return number
+
+    def parse_constant(name: str) -> float:
+        raise JsonError(f"it holds {name}, which is not JSON")
+
+    try:
+        return json.loads(text, parse_float=parse_float, parse_constant=parse_constant)
+    except JsonError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise JsonError(f"it is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # integers past Python's digit limit
+        raise JsonError(f"it holds a number too long to read ({str(exc)[:80]})") from None
+
+
+def require_regular_file(path: Path) -> None:
+    """Only regular files are read: a pipe would hang the reader and a device (a link to
+    /dev/zero) would never end. Raises JsonError's sibling, OSError, with a plain message."""
+    import stat
+
+    mode = os.stat(path).st_mode  # follows links: what would actually be read
+    if not stat.S_ISREG(mode):
+        kind = "a pipe" if stat.S_ISFIFO(mode) else "a device" if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) \
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        raise NotRegularFileError(f"'{path.name}' is {kind}, not a file; it was not read.")
+
+
+class NotRegularFileError(OSError):
+    """A pipe, device or socket where a file was expected."""
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, at most `limit` (limit + 1 are read, so callers can tell)."""
+    require_regular_file(path)
+    with open(path, "rb") as handle:
+        return handle.read(limit + 1)

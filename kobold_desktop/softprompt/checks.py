@@ -29,6 +29,18 @@ def check_shape(shape: tuple[int, ...], path: Path | None, limits: Limits = DEFA
             f"{limits.max_hidden_size:,}), so the file is damaged or made to exhaust memory.",
             path,
         )
+    check_budget(shape[0] * shape[1], path, limits)
+
+
+def check_budget(elements: int, path: Path | None, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Refuse before allocating what would cost more than `limits.max_float32_bytes` as float32."""
+    if elements * 4 > limits.max_float32_bytes:
+        raise BadShapeError(
+            f"its tensor would take {elements * 4 / 2**20:,.0f} MiB of memory; a soft prompt takes a few "
+            f"MiB (the limit is {limits.max_float32_bytes >> 20} MiB), so the file is damaged or made to "
+            "exhaust memory.",
+            path,
+        )
 
 
 def check_token_limit(n_tokens: int, path: Path | None, limits: Limits) -> None:

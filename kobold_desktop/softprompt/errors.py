@@ -6,7 +6,9 @@ always names the file and says what to do about it.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 from kobold_desktop.errors import KoboldError
 
@@ -67,3 +69,21 @@ class DestinationExistsError(SoftPromptError):
 
 class NotFoundError(SoftPromptError):
     """No soft prompt by that name or path."""
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Around a write of `path`: a full disk, a file-size limit or a writer's own failure
+    (safetensors', zipfile's) becomes a SoftPromptError naming the file. Writers stage into
+    a temporary file first, so nothing half-written is left. FileExistsError passes (the
+    callers pick another name)."""
+    try:
+        yield
+    except (SoftPromptError, FileExistsError):
+        raise
+    except OSError as exc:
+        raise SoftPromptError(f"cannot be written: {exc.strerror or exc} (nothing was left half-written).",
+                              path) from exc
+    except Exception as exc:  # noqa: BLE001 - a writer's own error, in our words
+        raise SoftPromptError(f"cannot be written ({type(exc).__name__}: {str(exc)[:120]}); nothing was left "
+                              "half-written.", path) from exc

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import re
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
 from kobold_desktop.softprompt import kobold_zip, mkultra, peft_dir
+from kobold_desktop.fileio import require_regular_file
 from kobold_desktop.softprompt.errors import (
+    CorruptFileError,
+    SoftPromptError,
+    writing,
     DestinationExistsError,
     HiddenSizeMismatchError,
     NotFoundError,
@@ -20,6 +25,7 @@ from kobold_desktop.softprompt.errors import (
 from kobold_desktop.softprompt.types import DEFAULT_LIMITS, Limits, Metadata, SoftPrompt, SoftPromptFormat
 
 ZIP_SUFFIX = ".zip"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,12 @@ def format_of(path: Path) -> SoftPromptFormat:
     """Which format a file or folder is in, from its kind, suffix and first bytes."""
     if not path.exists():
         raise NotFoundError("does not exist.", path)
+    if not path.is_dir():
+        try:
+            require_regular_file(path)
+        except OSError as exc:
+            raise UnsupportedFormatError("is not a regular file (a pipe, a device or a socket); "
+                                         "it was not read.", path) from exc
     if path.is_dir():
         if peft_dir.is_peft_dir(path):
             return SoftPromptFormat.PEFT
@@ -80,10 +92,29 @@ def destination_format(dst: Path) -> SoftPromptFormat:
     return SoftPromptFormat.KOBOLDAI_ZIP if dst.suffix.lower() == ZIP_SUFFIX else SoftPromptFormat.PEFT
 
 
+def _guarded(read: Callable[[], T], path: Path) -> T:
+    """Run a reader so that a file, however damaged or hostile, gives a SoftPromptError and
+    nothing else. The format readers check what they know to check (sizes, views, dtypes);
+    this catches what the libraries under them raise for damage nobody foresaw (zipfile,
+    zlib, lzma, safetensors, torch's unpickler), so no stranger's exception reaches a user."""
+    try:
+        return read()
+    except SoftPromptError:
+        raise
+    except MemoryError as exc:
+        raise CorruptFileError("needs more memory than a soft prompt can; refused.", path) from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise SoftPromptError(f"cannot be written: {exc.strerror} (nothing was left half-written).", path) from exc
+        raise CorruptFileError(f"cannot be read: {exc.strerror or exc}.", path) from exc
+    except Exception as exc:  # noqa: BLE001 - see the docstring: damage shows as our error
+        raise CorruptFileError(f"is damaged and cannot be read ({type(exc).__name__}).", path) from exc
+
+
 def describe_softprompt(path: Path | str, limits: Limits = DEFAULT_LIMITS) -> SoftPrompt:
     """Describe a soft prompt from its headers (cheap; the tensor is not decompressed)."""
     path = Path(path)
-    return FORMATS[format_of(path)].describe(path, limits)
+    return _guarded(lambda: FORMATS[format_of(path)].describe(path, limits), path)
 
 
 def load_softprompt(
@@ -91,7 +122,7 @@ def load_softprompt(
 ) -> tuple[SoftPrompt, torch.Tensor]:
     """Read and fully validate a soft prompt: the description and its tensor."""
     path = Path(path)
-    return FORMATS[format_of(path)].load(path, limits)
+    return _guarded(lambda: FORMATS[format_of(path)].load(path, limits), path)
 
 
 @dataclass(frozen=True)
@@ -158,5 +189,6 @@ def convert(src: Path | str, dst: Path | str, limits: Limits = DEFAULT_LIMITS) -
     if dst.exists():
         raise DestinationExistsError("already exists; choose a new name.", dst)
     softprompt, tensor = load_softprompt(src, limits)
-    FORMATS[destination_format(dst)].write(dst, tensor, metadata_of(softprompt))
+    with writing(dst):
+        FORMATS[destination_format(dst)].write(dst, tensor, metadata_of(softprompt))
     return describe_softprompt(dst, limits)

@@ -14,13 +14,14 @@ import threading
 import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from kobold_desktop import paths
 from kobold_desktop.fileio import publish, staged_dir, staged_file
 from kobold_desktop.settings import Settings
 from kobold_desktop.softprompt import kobold_zip, peft_dir
 from kobold_desktop.softprompt.errors import (
+    writing,
     DestinationExistsError,
     NotFoundError,
     SoftPromptError,
@@ -34,6 +35,9 @@ from kobold_desktop.softprompt.io import (
 )
 from kobold_desktop.softprompt.mixture import Mixture, is_mixture_file, read_mixture
 from kobold_desktop.softprompt.types import DEFAULT_LIMITS, Limits, SoftPrompt, SoftPromptFormat
+
+if TYPE_CHECKING:
+    import torch
 
 SELECTION_KEY = "softprompt.selected"
 
@@ -334,26 +338,31 @@ class SoftPromptLibrary:
         stem = source.stem if source.is_file() else source.name
         for _attempt in range(100):
             try:
-                if softprompt.format is SoftPromptFormat.KOBOLDAI_ZIP or (
-                        source.is_file() and source.suffix.lower() == ".zip"):  # a zipped PEFT adapter too
-                    dest = self._unique_path(stem, ".zip")
-                    with staged_file(dest) as tmp:
-                        shutil.copyfile(source, tmp)
-                        publish(tmp, dest, overwrite=False)
-                elif softprompt.format is SoftPromptFormat.PEFT:
-                    dest = self._unique_path(stem, "")
-                    with staged_dir(dest) as tmp:
-                        for name in (peft_dir.CONFIG_NAME, peft_dir.SAFETENSORS_NAME, peft_dir.BIN_NAME):
-                            if (source / name).is_file():
-                                shutil.copyfile(source / name, tmp / name)
-                        publish(tmp, dest, overwrite=False)
-                else:
-                    dest = self._unique_path(stem, ".zip")
-                    kobold_zip.write(dest, tensor, metadata_of(softprompt), overwrite=False)
+                with writing(self.user_folder / stem):
+                    dest = self._write_import(source, softprompt, tensor, stem)
             except FileExistsError:
                 continue  # another process took the name between our check and the write
             return self._entry_for(dest)
         raise DestinationExistsError("could not find a free file name.", source)
+
+    def _write_import(self, source: Path, softprompt: SoftPrompt, tensor: torch.Tensor, stem: str) -> Path:
+        if softprompt.format is SoftPromptFormat.KOBOLDAI_ZIP or (
+                source.is_file() and source.suffix.lower() == ".zip"):  # a zipped PEFT adapter too
+            dest = self._unique_path(stem, ".zip")
+            with staged_file(dest) as tmp:
+                shutil.copyfile(source, tmp)
+                publish(tmp, dest, overwrite=False)
+        elif softprompt.format is SoftPromptFormat.PEFT:
+            dest = self._unique_path(stem, "")
+            with staged_dir(dest) as tmp:
+                for name in (peft_dir.CONFIG_NAME, peft_dir.SAFETENSORS_NAME, peft_dir.BIN_NAME):
+                    if (source / name).is_file():
+                        shutil.copyfile(source / name, tmp / name)
+                publish(tmp, dest, overwrite=False)
+        else:
+            dest = self._unique_path(stem, ".zip")
+            kobold_zip.write(dest, tensor, metadata_of(softprompt), overwrite=False)
+        return dest
 
     def _import_mixture(self, source: Path) -> LibraryEntry:
         """A mixture file is checked and copied as it is (its members are found by name)."""
@@ -361,7 +370,7 @@ class SoftPromptLibrary:
         for _attempt in range(100):
             dest = self._unique_path(source.stem, ".json")
             try:
-                with staged_file(dest) as tmp:
+                with writing(dest), staged_file(dest) as tmp:
                     shutil.copyfile(source, tmp)
                     publish(tmp, dest, overwrite=False)
             except FileExistsError:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from kobold_desktop.fileio import atomic_write_bytes
-from kobold_desktop.softprompt.errors import NotFoundError, SoftPromptError
+from kobold_desktop.fileio import JsonError, atomic_write_bytes, parse_json, read_limited
+from kobold_desktop.softprompt.errors import NotFoundError, SoftPromptError, writing
 
 MODES = ("bayes", "fixed")
 MAX_FILE_BYTES = 1 << 20
@@ -108,13 +108,14 @@ def parse_mixture(data: Any, path: Path | None = None, *, paths_allowed: bool = 
 
 def _read_json(path: Path) -> Any:
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
+        data = read_limited(path, MAX_FILE_BYTES)
+        if len(data) > MAX_FILE_BYTES:
             raise _fail(f"is larger than {MAX_FILE_BYTES >> 20} MiB; a mixture file is a few lines.", path)
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(f"cannot be read: {exc}", path) from exc
-    except json.JSONDecodeError as exc:
-        raise _fail(f"is not valid JSON ({exc.msg}, line {exc.lineno}).", path) from exc
+        return parse_json(data)
+    except JsonError as exc:
+        raise _fail(f"is not a mixture file: {exc}.", path) from exc
+    except OSError as exc:
+        raise _fail(f"cannot be read: {exc.strerror or exc}", path) from exc
 
 
 def read_mixture(path: Path | str) -> Mixture:
@@ -128,11 +129,11 @@ def is_mixture_file(path: Path) -> bool:
     if path.suffix.lower() != ".json" or not path.is_file():
         return False
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
+        data = read_limited(path, MAX_FILE_BYTES)
+        if len(data) > MAX_FILE_BYTES:
             return False
-        with open(path, "rb") as handle:
-            data = json.loads(handle.read())
-    except (OSError, ValueError):
+        data = parse_json(data)
+    except (OSError, JsonError):
         return False
     return isinstance(data, dict) and "members" in data and "tensor" not in data
 
@@ -144,7 +145,8 @@ def write_mixture(path: Path | str, mixture: Mixture, *, overwrite: bool = False
         raise _fail("a mixture file's name ends in .json.", path)
     data = json.dumps(mixture.to_dict(), ensure_ascii=False, indent=1) + "\n"
     try:
-        atomic_write_bytes(path, data.encode("utf-8"), overwrite=overwrite)
+        with writing(path):
+            atomic_write_bytes(path, data.encode("utf-8"), overwrite=overwrite)
     except FileExistsError as exc:
         raise MixtureError("already exists; choose another name.", path) from exc
     return path

@@ -14,15 +14,18 @@ import collections
 import io
 import json
 import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kobold_desktop.softprompt.checks import check_finite, check_shape, check_token_limit
+from kobold_desktop.fileio import JsonError, parse_json, read_limited
+from kobold_desktop.softprompt.checks import check_budget, check_finite, check_shape, check_token_limit
 from kobold_desktop.softprompt.errors import (
     BadDtypeError,
     CorruptFileError,
+    SoftPromptError,
     UnsafeFileError,
     UnsupportedFormatError,
 )
@@ -82,6 +85,40 @@ def _load_storage_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
+class _BadView(ValueError):
+    pass
+
+
+def _checked_rebuild(limits: Limits) -> Any:
+    """torch's `_rebuild_tensor_v2` after checking the view against the stored bytes.
+
+    A pickled tensor is a storage plus a view (offset, size, stride). torch builds it with
+    `set_`, which silently grows a storage too small for the view, so a view reaching past
+    the stored data would come back filled with whatever the process's memory held (and be
+    written into the library). A zero or tiny stride can make a few bytes cost gigabytes.
+    Both are refused here, before the tensor exists."""
+
+    def rebuild(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> torch.Tensor:
+        if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
+                and len(size) == len(stride) <= 4 and all(isinstance(v, int) for v in size + stride)):
+            raise _BadView("its tensor's view is not a plain offset, size and stride")
+        if offset < 0 or any(v < 0 for v in size + stride):
+            raise _BadView("its tensor's view has a negative offset, size or stride")
+        elements = 1
+        for v in size:
+            elements *= v
+        check_budget(elements, None, limits)
+        stored = storage.size() if hasattr(storage, "size") else len(storage)
+        if elements:
+            last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+            if last >= stored:
+                raise _BadView(f"its tensor's view reaches element {last:,} of a storage of {stored:,}: "
+                               "past the data the file holds")
+        return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, *rest)
+
+    return rebuild
+
+
 _ALLOWED = {
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
@@ -91,11 +128,14 @@ _ALLOWED = {
 
 
 class _TensorOnlyUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, path: Path):
+    def __init__(self, data: bytes, path: Path, limits: Limits = DEFAULT_LIMITS):
         super().__init__(io.BytesIO(data))
         self._path = path
+        self._rebuild = _checked_rebuild(limits)
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._rebuild
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
@@ -116,13 +156,14 @@ def looks_like_mkultra(path: Path) -> bool:
 def load(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[SoftPrompt, torch.Tensor]:
     """Read an mkultra file safely; its tensor is always fully validated."""
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
+        data = read_limited(path, MAX_FILE_BYTES)
+        if len(data) > MAX_FILE_BYTES:
             raise CorruptFileError("is too large to be an mkultra soft prompt.", path)
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnsupportedFormatError(
-            f"is not readable JSON ({exc}), so it is not an mkultra soft prompt.", path
-        ) from exc
+        document = parse_json(data)
+    except JsonError as exc:
+        raise UnsupportedFormatError(f"is not an mkultra soft prompt: {exc}.", path) from exc
+    except OSError as exc:
+        raise UnsupportedFormatError(f"cannot be read: {exc.strerror or exc}.", path) from exc
     if not isinstance(document, dict) or not isinstance(document.get("tensor"), str):
         raise UnsupportedFormatError(
             "is JSON without a 'tensor' field, so it is not an mkultra soft prompt.", path
@@ -132,9 +173,13 @@ def load(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[SoftPrompt, torch
     except (binascii.Error, UnicodeEncodeError) as exc:
         raise CorruptFileError("its 'tensor' field is not valid base64.", path) from exc
     try:
-        tensor = _TensorOnlyUnpickler(raw, path).load()
-    except UnsafeFileError:
+        tensor = _TensorOnlyUnpickler(raw, path, limits).load()
+    except SoftPromptError as exc:
+        if exc.path is None:  # the budget check, made before the path was at hand
+            raise type(exc)(exc.reason, path) from None
         raise
+    except _BadView as exc:
+        raise CorruptFileError(f"{exc}; refused (such a file would carry uninitialised memory).", path) from exc
     except _DeclaredTooLarge as exc:
         raise CorruptFileError(f"its pickled tensor {exc}; refused before allocating it.", path) from exc
     except pickle.UnpicklingError as exc:
@@ -144,7 +189,8 @@ def load(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[SoftPrompt, torch
             f"its pickled tensor holds something other than plain tensors ({exc}); refused.",
             path,
         ) from exc
-    except (EOFError, ValueError, TypeError, RuntimeError, AttributeError, MemoryError) as exc:
+    except (EOFError, ValueError, TypeError, RuntimeError, AttributeError, MemoryError, AssertionError,
+            OverflowError, IndexError, KeyError, struct.error) as exc:
         # torch's own message gives advice for its API (map_location...), not for a user.
         raise CorruptFileError(
             "its pickled tensor is damaged or truncated (was the download cut short?).", path

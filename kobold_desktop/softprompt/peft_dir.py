@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from kobold_desktop.fileio import publish, staged_dir
+from kobold_desktop.fileio import JsonError, parse_json, publish, read_limited, require_regular_file, staged_dir
 from kobold_desktop.softprompt.checks import check_finite, check_shape, check_token_limit
 from kobold_desktop.softprompt.errors import (
     BadDtypeError,
@@ -69,10 +69,10 @@ class _Folder:
         return (self.path / name).is_file()
 
     def read(self, name: str, limit: int) -> bytes:
-        with open(self.path / name, "rb") as handle:
-            return handle.read(limit + 1)
+        return read_limited(self.path / name, limit)
 
     def safetensors(self, name: str):
+        require_regular_file(self.path / name)
         return safe_open(str(self.path / name), framework="pt")
 
 
@@ -112,8 +112,8 @@ class _ZippedSafetensors:
                 raise SafetensorError("its header is implausibly large")
             raw = handle.read(self._header_size)
         try:
-            self._header = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self._header = parse_json(raw)
+        except JsonError as exc:
             raise SafetensorError(f"its header is not JSON ({exc})") from exc
         if not isinstance(self._header, dict):
             raise SafetensorError("its header is not a JSON object")
@@ -164,13 +164,15 @@ def _read_config(files: Any, path: Path) -> dict[str, Any]:
         data = files.read(CONFIG_NAME, MAX_CONFIG_BYTES)
         if len(data) > MAX_CONFIG_BYTES:
             raise CorruptFileError(f"{CONFIG_NAME} is far too large for an adapter config.", path)
-        config = json.loads(data.decode("utf-8"))
+        config = parse_json(data)
     except FileNotFoundError as exc:
         raise UnsupportedFormatError(
             f"is a folder without {CONFIG_NAME}, so it is not a PEFT adapter.", path
         ) from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(f"{CONFIG_NAME} is not valid JSON ({exc}).", path) from exc
+    except JsonError as exc:
+        raise CorruptFileError(f"{CONFIG_NAME} is not usable: {exc}.", path) from exc
+    except OSError as exc:
+        raise CorruptFileError(f"{CONFIG_NAME} cannot be read: {exc.strerror or exc}.", path) from exc
     if not isinstance(config, dict):
         raise CorruptFileError(f"{CONFIG_NAME} is not a JSON object.", path)
     peft_type = str(config.get("peft_type", "")).upper()
@@ -180,7 +182,11 @@ def _read_config(files: Any, path: Path) -> dict[str, Any]:
             "adapter; only PROMPT_TUNING and P_TUNING adapters are soft prompts.",
             path,
         )
-    if int(config.get("num_transformer_submodules") or 1) != 1:
+    submodules = config.get("num_transformer_submodules")
+    if submodules is not None and (isinstance(submodules, bool) or not isinstance(submodules, int)):
+        raise CorruptFileError(f"{CONFIG_NAME} has num_transformer_submodules {str(submodules)[:40]!r}; "
+                               "it must be a whole number (1 for causal language models).", path)
+    if (submodules or 1) != 1:
         raise UnsupportedFormatError(
             "was trained for an encoder-decoder model (num_transformer_submodules is 2); "
             "only causal language models are supported.",

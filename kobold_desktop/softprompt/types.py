@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from kobold_desktop.fileio import JsonError, parse_json
+
 
 
 class SoftPromptFormat(str, enum.Enum):
@@ -24,6 +26,10 @@ class Limits:
     # Far beyond any model (the largest have 16-25k); a header declaring more is refused
     # before any tensor memory is allocated, so a tiny file cannot ask for gigabytes.
     max_hidden_size: int = 65536
+    # What a soft prompt may cost once in memory as float32, whatever its file holds
+    # (float64, a zero-stride view, a 1 KB zip that declares 2048 x 65536): 256 MiB is
+    # 2,048 tokens of the widest models there are (about 25,000) with room to spare.
+    max_float32_bytes: int = 256 << 20
     max_meta_bytes: int = 1 << 20
     # Uncompressed bytes allowed beyond what the header and shape need (npy padding).
     size_slack_bytes: int = 64 * 1024
@@ -100,9 +106,9 @@ class Metadata:
         if data is None:
             return cls()
         try:
-            raw = json.loads(data.decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return cls(warnings=("meta.json is not valid JSON; its metadata was ignored.",))
+            raw = parse_json(data.removeprefix(b"\xef\xbb\xbf"))
+        except JsonError as exc:
+            return cls(warnings=(f"meta.json was ignored: {exc}.",))
         if not isinstance(raw, dict):
             return cls(warnings=("meta.json is not a JSON object; its metadata was ignored.",))
         return cls.from_mapping(raw)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kobold_desktop.errors import KoboldError
-from kobold_desktop.fileio import atomic_write_bytes
+from kobold_desktop.fileio import JsonError, atomic_write_bytes, parse_json, read_limited
 from kobold_desktop.story.document import AUTHORS_NOTE_TEMPLATE, MODEL, USER, Action, Story, WorldInfoEntry
 
 FORMAT = "kobold-desktop-story"
@@ -46,13 +46,16 @@ def load_story(path: Path | str) -> Story:
 
 def _read_json(path: Path) -> Any:
     try:
-        if path.stat().st_size > MAX_STORY_BYTES:
+        data = read_limited(path, MAX_STORY_BYTES)
+        if len(data) > MAX_STORY_BYTES:
             raise StoryFileError(f"{path.name} is too large to be a story file.")
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        return parse_json(data.removeprefix(b"\xef\xbb\xbf"))
     except FileNotFoundError as exc:
         raise StoryFileError(f"{path.name} does not exist.") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise StoryFileError(f"{path.name} is not a story file (it is not readable JSON).") from exc
+    except JsonError as exc:
+        raise StoryFileError(f"{path.name} is not a story file (it is not readable JSON: {exc}).") from exc
+    except OSError as exc:
+        raise StoryFileError(f"{path.name} cannot be read: {exc.strerror or exc}.") from exc
 
 
 def read_story(path: Path | str) -> StoryRead:
