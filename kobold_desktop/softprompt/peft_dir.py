@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from kobold_desktop.fileio import JsonError, parse_json, publish, read_limited, require_regular_file, staged_dir
 from kobold_desktop.softprompt.checks import check_finite, check_shape, check_token_limit
 from kobold_desktop.softprompt.errors import (
+    BadShapeError,
     BadDtypeError,
     CorruptFileError,
     DestinationExistsError,
@@ -251,6 +252,9 @@ def _header(files: Any, path: Path) -> tuple[tuple[int, ...], str, Metadata, str
     tensor = _load_bin(files, path).get(TENSOR_KEY)
     if not isinstance(tensor, torch.Tensor):
         raise MissingTensorError(f"{BIN_NAME} has no '{TENSOR_KEY}' tensor.", path)
+    if tensor.layout != torch.strided:
+        raise BadShapeError(f"'{TENSOR_KEY}' in {BIN_NAME} is stored as a {tensor.layout} tensor; a soft "
+                            "prompt is a plain (strided) one.", path)
     if tensor.dtype not in _DTYPE_NAMES:
         raise BadDtypeError(
             f"'{TENSOR_KEY}' holds {tensor.dtype} values; a soft prompt must hold floats.", path

@@ -8,6 +8,7 @@ or a full disk never destroys the previous save.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,11 +25,22 @@ class StoryFileError(KoboldError):
     """A story file could not be read or written."""
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def without_lone_surrogates(text: str) -> str:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which Python keeps as a lone
+    surrogate that no file can hold: it becomes U+FFFD, the replacement character, so the
+    story still saves (and shows where the broken character was)."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def save_story(story: Story, path: Path | str) -> None:
     path = Path(path)
     data = {"format": FORMAT, "version": VERSION, **story.to_dict()}
+    text = without_lone_surrogates(json.dumps(data, ensure_ascii=False, indent=1))
     try:
-        atomic_write_bytes(path, json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8"))
+        atomic_write_bytes(path, text.encode("utf-8"))
     except OSError as exc:
         raise StoryFileError(f"could not save {path.name}: {exc.strerror or exc}; the previous save is intact.") from exc
 
@@ -101,7 +113,7 @@ def _str(data: dict, key: str, default: str = "", where: str = "") -> str:
     value = data.get(key, default)
     if not isinstance(value, str):
         raise _Invalid(f"'{where}{key}' is {json.dumps(value)[:40]}, not text")
-    return value
+    return without_lone_surrogates(value)
 
 
 def _int(data: dict, key: str, default: int | None, low: int, high: int, where: str = "") -> int | None:
@@ -140,7 +152,7 @@ def _ours(data: dict[str, Any]) -> Story:
         constant = item.get("constant", False)
         if not isinstance(constant, bool):
             raise _Invalid(f"'{where}constant' is not true or false")
-        entries.append(WorldInfoEntry(keys=list(keys), content=_str(item, "content", "", where), constant=constant,
+        entries.append(WorldInfoEntry(keys=[without_lone_surrogates(k) for k in keys], content=_str(item, "content", "", where), constant=constant,
                                       scan_depth=_int(item, "scan_depth", None, 0, 1000, where),
                                       comment=_str(item, "comment", "", where)))
     return Story(
@@ -157,13 +169,13 @@ def _ours(data: dict[str, Any]) -> Story:
 
 
 def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ""
+    return without_lone_surrogates(value) if isinstance(value, str) else ""
 
 
 def _keys(value: Any) -> list[str]:
     """Keys as a list (United, SillyTavern) or a comma-separated string (KoboldAI, Lite)."""
     items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else []
-    return [k.strip() for k in items if isinstance(k, str) and k.strip()]
+    return [without_lone_surrogates(k.strip()) for k in items if isinstance(k, str) and k.strip()]
 
 
 def from_koboldai(data: dict[str, Any]) -> Story:
@@ -175,7 +187,8 @@ def from_koboldai(data: dict[str, Any]) -> Story:
         except ValueError as exc:
             raise _Invalid("its actions are keyed by something other than numbers") from exc
     entries = []
-    for wi in data.get("worldinfo") or []:
+    world_info = data.get("worldinfo")
+    for wi in world_info if isinstance(world_info, list) else []:
         if not isinstance(wi, dict):
             continue
         entries.append(WorldInfoEntry(keys=_keys(wi.get("key")), content=_text(wi.get("content")),

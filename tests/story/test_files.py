@@ -154,3 +154,23 @@ def test_world_info_from_sillytavern_koboldai_lite_and_united(tmp_path):
     (tmp_path / "story.json").write_text(json.dumps({"prompt": "x"}))
     with pytest.raises(StoryFileError, match="not a World Info file"):
         read_world_info(tmp_path / "story.json")
+
+
+def test_a_koboldai_story_whose_worldinfo_is_not_a_list_still_opens(tmp_path):
+    from kobold_desktop.story.files import read_story
+
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({"gamestarted": True, "prompt": "Once", "actions": [" upon"], "worldinfo": 5}))
+    story = read_story(path).story
+    assert story.prompt == "Once" and story.world_info == []
+
+
+def test_a_lone_surrogate_in_a_story_file_opens_and_saves_as_a_replacement_character(tmp_path):
+    from kobold_desktop.story.files import read_story, save_story
+
+    path = tmp_path / "half.json"
+    path.write_text('{"gamestarted": true, "prompt": "Once \\ud800 upon", "actions": [" a \\udfff time"]}')
+    story = read_story(path).story
+    save_story(story, tmp_path / "saved.json")  # used to fail: a lone surrogate cannot be UTF-8
+    again = read_story(tmp_path / "saved.json").story
+    assert again.prompt == "Once \ufffd upon" and again.actions[0].text == " a \ufffd time"
