@@ -133,15 +133,22 @@ class Service:
         return resolved in {p.resolve() for p in self.start_paths} or any(
             resolved.is_relative_to(folder.resolve()) for folder in folders)
 
-    def _prepare(self, path: Path) -> Active:
+    def _prepare(self, path: Path, trusted: bool = True) -> Active:
         """A soft prompt file, or a mixture file (its members are found by file name beside
-        it or in the library, never by a path, so the folder rule above still holds)."""
+        it or in the library, never by a path; each member, links resolved, must pass the
+        folder rule above too)."""
         from kobold_desktop.softprompt.library import SoftPromptLibrary
         from kobold_desktop.softprompt.mixture import is_mixture_file, read_mixture, resolve_members
 
         if is_mixture_file(path):
             mixture = read_mixture(path)
-            return self.engine.prepare_mixture(mixture, resolve_members(mixture, SoftPromptLibrary().folders))
+            members = resolve_members(mixture, SoftPromptLibrary().folders)
+            for member in members:
+                if not trusted and not self._allowed(member):
+                    raise ApiError(403, f"mixture member '{member.name}' is outside your soft prompt folders; "
+                                        "set an admin key and send it to load it.", param="path",
+                                   code="path_not_allowed")
+            return self.engine.prepare_mixture(mixture, members)
         return self.engine.prepare_softprompts([path])
 
     def add_adapter(self, name: str, source: str, trusted: bool = False) -> Adapter:
@@ -150,7 +157,7 @@ class Service:
         if not name or name == self.model_id:
             raise ApiError(422, "a soft prompt needs a name other than the base model's.", param="name")
         try:
-            softprompt = self._prepare(self._resolve(source, trusted))
+            softprompt = self._prepare(self._resolve(source, trusted), trusted)
         except ApiError:
             raise
         except KoboldError as exc:

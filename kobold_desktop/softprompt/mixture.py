@@ -100,8 +100,12 @@ def parse_mixture(data: Any, path: Path | None = None, *, paths_allowed: bool = 
                 or weight < 0:
             raise _fail(f"member {i}'s weight must be a number of 0 or more, not {weight!r}.", path)
         parsed.append(MixtureMember(softprompt, float(weight)))
-    if sum(m.weight for m in parsed) <= 0:
+    total = sum(m.weight for m in parsed)
+    if total <= 0:
         raise _fail("at least one member needs a weight above 0.", path)
+    if not math.isfinite(total):
+        raise _fail("the members' weights add up to more than a number can hold; use weights like 0.3 and 0.7.",
+                    path)
     extra = {k: v for k, v in data.items() if k not in ("name", "mode", "members")}
     return Mixture(name.strip(), mode, tuple(parsed), path, extra)
 
@@ -162,6 +166,13 @@ def resolve_member(mixture: Mixture, member: MixtureMember, folders: Iterable[Pa
     for folder in places:
         candidate = Path(folder) / member.softprompt
         if candidate.exists():
+            # A link is followed, then checked: a member is a file in these folders, never
+            # one a link points to elsewhere (a shared mixture must not read other files).
+            real = candidate.resolve()
+            if not any(real.is_relative_to(Path(place).resolve()) for place in places):
+                raise MixtureError(f"mixture '{mixture.name}': its member '{member.softprompt}' is a link to "
+                                   f"{real}, outside the soft prompt folders; copy the file in instead.",
+                                   mixture.path)
             return candidate
     where = ", ".join(str(p) for p in places) or "no folder"
     raise NotFoundError(f"mixture '{mixture.name}': its member '{member.softprompt}' is missing "

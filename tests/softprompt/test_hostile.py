@@ -203,3 +203,32 @@ def test_writing_onto_a_full_disk_is_our_error_and_leaves_nothing(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]
     monkeypatch.setattr(zipfile.ZipFile, "writestr", real)
     assert kobold_zip is not None
+
+
+def test_a_mixture_member_that_links_outside_the_folders_is_refused(tmp_path):
+    from kobold_desktop.softprompt.mixture import MixtureError, read_mixture, resolve_members
+
+    outside, library = tmp_path / "outside", tmp_path / "library"
+    outside.mkdir()
+    library.mkdir()
+    softprompt_zip(outside / "secret.zip")
+    softprompt_zip(library / "fine.zip")
+    (library / "link.zip").symlink_to(outside / "secret.zip")
+    (library / "mix.json").write_text(json.dumps({"name": "m", "members": [
+        {"softprompt": "fine.zip", "weight": 1}, {"softprompt": "link.zip", "weight": 1}]}))
+    mixture = read_mixture(library / "mix.json")
+    with pytest.raises(MixtureError, match="link to .*outside the soft prompt folders"):
+        resolve_members(mixture, [library])
+    (library / "link.zip").unlink()
+    (library / "link.zip").symlink_to(library / "fine.zip")  # a link within the folders is fine
+    assert len(resolve_members(mixture, [library])) == 2
+
+
+@pytest.mark.parametrize("weights", [[1e308, 1e308], [0, 0], [-1, 2], [float("inf"), 1]])
+def test_mixture_weights_must_be_finite_and_sum_to_a_positive_finite_number(tmp_path, weights):
+    from kobold_desktop.softprompt.mixture import MixtureError, read_mixture
+
+    members = [{"softprompt": f"{i}.zip", "weight": w} for i, w in enumerate(weights)]
+    (tmp_path / "mix.json").write_text(json.dumps({"name": "m", "members": members}).replace("Infinity", "1e999"))
+    with pytest.raises(MixtureError):
+        read_mixture(tmp_path / "mix.json")
