@@ -31,6 +31,9 @@ class SettingsError(KoboldError):
 SEED_LIMIT = 2**64  # torch generators take 64-bit seeds
 
 
+GREEDY_BELOW = 1e-4
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How to pick each next token. The defaults suit story writing."""
@@ -66,7 +69,9 @@ class SamplingSettings:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or so close to it (2.5e-324 is a valid float) that dividing the
+        logits by it would overflow: the limit of sampling there is the argmax."""
+        return self.temperature < GREEDY_BELOW
 
     def with_changes(self, **changes: Any) -> "SamplingSettings":
         return replace(self, **changes)

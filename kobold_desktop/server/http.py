@@ -221,8 +221,15 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
                 while True:
                     try:
                         chunk = await run_in_threadpool(next, iterator, None)
-                    except KoboldError as exc:  # the headers are sent: say it as the stream's last event
-                        yield f"data: {json.dumps(ApiError(getattr(exc, 'status', 500), str(exc), 'server_error').body())}\n\n"
+                    except Exception as exc:  # noqa: BLE001 - the headers are sent: the stream's last event says it
+                        if isinstance(exc, ApiError):
+                            error = exc
+                        elif isinstance(exc, KoboldError):
+                            error = ApiError(getattr(exc, "status", 500), str(exc), "server_error")
+                        else:
+                            traceback.print_exception(exc)
+                            error = ApiError(500, f"internal error: {type(exc).__name__}", "server_error")
+                        yield result.error_event(error)
                         return
                     if chunk is None:
                         return

@@ -9,13 +9,39 @@ from __future__ import annotations
 
 from typing import Annotated, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOPS = 16
 
 
+def _lone_surrogate(value, where: str = "") -> str | None:
+    """Where in a decoded JSON body half of a UTF-16 surrogate pair hides ("\\ud800" is
+    valid JSON but no text: nothing can encode it), or None."""
+    if isinstance(value, str):
+        return where or "the body" if any("\ud800" <= ch <= "\udfff" for ch in value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _lone_surrogate(key, where) or _lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_text(cls, data):
+        where = _lone_surrogate(data)
+        if where:
+            raise ValueError(f"'{where}' holds half of a UTF-16 surrogate pair, which is not text")
+        return data
 
 
 def _stops(value):
@@ -54,7 +80,7 @@ class Sampling(Body):
 
 class CompletionRequest(Sampling):
     model: str | None = None
-    prompt: Union[str, list[str], list[int]] = ""
+    prompt: Union[str, list[str], list[Annotated[int, Field(ge=0, lt=1 << 31)]]] = ""
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] = 16
 
 

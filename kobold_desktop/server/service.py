@@ -67,8 +67,19 @@ class EventStream:
     """Server-sent events of a streaming request; `cancel()` stops its generations (the
     HTTP layer calls it when the client goes away)."""
 
-    def __init__(self, events: Iterator[str], streams: list[RequestStream], done: Callable[[], None] = lambda: None):
+    def __init__(self, events: Iterator[str], streams: list[RequestStream], done: Callable[[], None] = lambda: None,
+                 dialect: str = "openai"):
         self._events, self._streams, self._done = events, streams, done
+        self.dialect = dialect
+
+    def error_event(self, error: "ApiError") -> str:
+        """The stream's last event when it fails after the headers went out (a 200 is sent
+        by then): OpenAI's error object, or KoboldCpp's `event: error` with KoboldAI's
+        `{"detail": {"msg", "type"}}`. Clients show it instead of a broken connection."""
+        if self.dialect == "kobold":
+            detail = {"detail": {"msg": error.message, "type": error.kind}}
+            return f"event: error\ndata: {json.dumps(detail)}\n\n"
+        return f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n"
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -230,12 +241,30 @@ class Service:
 
     # -- generation ---------------------------------------------------------------------
 
+    # A token is at most this many characters in every tokenizer we know (most are under
+    # 20); longer text cannot fit the context whatever it says, so it is refused before the
+    # tokenizer spends seconds and hundreds of MB on it.
+    MAX_CHARS_PER_TOKEN = 64
+
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        most = self.engine.context_length * self.MAX_CHARS_PER_TOKEN
+        if len(text) > most:
+            raise ApiError(400, f"the text is {len(text):,} characters; this model's context of "
+                                f"{self.engine.context_length} tokens holds far less (at most {most:,}).",
+                           param="prompt", code="context_length_exceeded")
+        return self.engine.encode(text, add_special_tokens=add_special_tokens)
+
     def _prompt_ids(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
-            return [self.engine.encode(prompt)]
+            return [self._encode(prompt)]
         if prompt and all(isinstance(t, str) for t in prompt):
-            return [self.engine.encode(t) for t in prompt]
+            return [self._encode(t) for t in prompt]
         if prompt and all(isinstance(t, int) for t in prompt):
+            vocab = len(self.engine.loaded.tokenizer)
+            bad = next((t for t in prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"token id {bad} is not in this model's vocabulary (ids 0 to {vocab - 1}).",
+                               param="prompt")
             return [list(prompt)]
         raise ApiError(422, "'prompt' must be a string, a list of strings, or a list of token ids.", param="prompt")
 
@@ -331,7 +360,7 @@ class Service:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - a template error is the request's fault
             raise ApiError(400, f"the chat template failed: {exc}", param="messages") from exc
-        ids = self.engine.encode(text, add_special_tokens=False)
+        ids = self._encode(text, add_special_tokens=False)
         settings = self._settings(body, body.max_tokens or body.max_completion_tokens or 16)
         self._check_length(ids, softprompt, settings.max_new_tokens)
         streams = self._submit([ids], softprompt, settings, body.n)
@@ -352,7 +381,7 @@ class Service:
     # -- tokens ------------------------------------------------------------------------------
 
     def tokenize(self, body: p.TokenizeRequest) -> dict[str, Any]:
-        ids = self.engine.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = self._encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.context_length}
 
     def detokenize(self, body: p.DetokenizeRequest) -> dict[str, Any]:
@@ -362,7 +391,7 @@ class Service:
         return {"prompt": self.engine.loaded.tokenizer.decode(body.tokens)}
 
     def kobold_tokencount(self, body: p.TokenCountRequest) -> dict[str, Any]:
-        ids = self.engine.encode(body.prompt, add_special_tokens=False)
+        ids = self._encode(body.prompt, add_special_tokens=False)
         return {"value": len(ids), "ids": ids}
 
     # -- KoboldAI- and KoboldCpp-compatible routes -------------------------------------------------
@@ -409,8 +438,8 @@ class Service:
                 **({} if body.rep_pen_range is None else {"repetition_penalty_range": body.rep_pen_range}))
         except SettingsError as exc:
             raise ApiError(422, str(exc)) from exc
-        memory = self.engine.encode(body.memory) if body.memory else []
-        ids = self.engine.encode(body.prompt, add_special_tokens=not memory)
+        memory = self._encode(body.memory) if body.memory else []
+        ids = self._encode(body.prompt, add_special_tokens=not memory)
         limit = min(body.max_context_length or self.engine.context_length, self.engine.context_length)
         room = limit - (softprompt.n_tokens if softprompt else 0) - settings.max_new_tokens - len(memory)
         if room < 1:
@@ -455,7 +484,7 @@ class Service:
                     data = {"token": "", "finish_reason": self._finish(event.finish_reason)}
                 yield f"event: message\ndata: {json.dumps(data)}\n\n"
 
-        return EventStream(events(), generation.streams, lambda: self._kobold_end(generation))
+        return EventStream(events(), generation.streams, lambda: self._kobold_end(generation), dialect="kobold")
 
     def _generation_for(self, genkey: str | None) -> Generation | None:
         with self._lock:
