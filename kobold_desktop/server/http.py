@@ -25,19 +25,23 @@ import traceback
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from kobold_desktop import __version__
 from kobold_desktop.server import protocol as p
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.server.service import ApiError, EventStream, Service
 
 MAX_BODY_BYTES = 16 << 20
-BODY_TIMEOUT_S = 30.0  # a client that stops sending its body gets 408 (a slow client holds nothing else)
+BODY_TIMEOUT_S = 30.0  # the whole body within this, however it trickles in, or 408
+HEADER_TIMEOUT_S = 10.0  # a connection whose request headers are not complete by then is closed
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 LOOPBACK_ORIGIN = r"^https?://(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?$"
 
@@ -129,9 +133,10 @@ class Guard:
         # Read the whole body here, capped in size and time, then hand it on: a client that
         # sends too much gets 413, one that stops sending gets 408, and routes never wait.
         chunks, received = [], 0
+        deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S  # for the whole body, not per chunk
         while True:
             try:
-                message = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
             except asyncio.TimeoutError:
                 return await self._refuse(send, 408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s.")
             if message["type"] == "http.disconnect":
@@ -164,9 +169,42 @@ def _matches(token: str, key: str | None) -> bool:
     return bool(key) and hmac.compare_digest(token.encode(), key.encode())
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, on every route: OpenAI's shape (KoboldAI clients read `error.message` too)."""
+
+    error: ErrorDetail
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
+    (400, "The request cannot be served as it is (the message says why)"),
+    (401, "Missing or wrong API key"), (403, "Not allowed from this origin or path"),
+    (404, "No such model, soft prompt or route"), (408, "The body did not arrive in time"),
+    (413, "The body is too large"), (422, "A field is missing, of the wrong type or out of range"),
+    (500, "A bug: the server goes on"))}
+# Routes that stream server-sent events when the body asks for it (`stream: true`).
+STREAMING = {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+             "description": "JSON, or server-sent events when streaming"}
+
+
+def _operation_id(route) -> str:
+    """Unique and stable: the method and the path ("post_v1_completions")."""
+    method = sorted(route.methods)[0].lower()
+    return f"{method}_{route.path_format.strip('/').replace('/', '_').replace('{', '').replace('}', '')}"
+
+
 def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
     config = service.config
-    app = FastAPI(title="Kobold Desktop", docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json describes every route for API tools and client generators; the
+    # interactive docs pages stay off (they load scripts from a CDN).
+    app = FastAPI(title="Kobold Desktop", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", responses=ERRORS, generate_unique_id_function=_operation_id)
 
     def user(request: Request) -> None:
         """Every route: the API key (or the admin key) when one is set."""
@@ -243,11 +281,11 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
     # OpenAI and vLLM
     app.get("/v1/models", dependencies=deps)(service.models)
 
-    @app.post("/v1/completions", dependencies=deps)
+    @app.post("/v1/completions", dependencies=deps, responses={200: STREAMING})
     def completions(body: p.CompletionRequest):
         return respond(service.completions(body))
 
-    @app.post("/v1/chat/completions", dependencies=deps)
+    @app.post("/v1/chat/completions", dependencies=deps, responses={200: STREAMING})
     def chat_completions(body: p.ChatCompletionRequest):
         return respond(service.chat_completions(body))
 
@@ -280,7 +318,9 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
     app.get("/api/extra/version", dependencies=deps)(service.kobold_extra_version)
     app.get("/api/extra/true_max_context_length", dependencies=deps)(service.kobold_max_context_length)
 
-    @app.post("/api/extra/generate/stream", dependencies=deps)
+    @app.post("/api/extra/generate/stream", dependencies=deps,
+              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                               "description": "KoboldCpp's server-sent events"}})
     def kobold_stream(body: p.KoboldGenerateRequest):
         return respond(service.kobold_generate_stream(body))
 
@@ -288,9 +328,13 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
     def abort(body: p.GenkeyRequest | None = None):
         return service.kobold_abort(body or p.GenkeyRequest())
 
-    @app.api_route("/api/extra/generate/check", methods=["GET", "POST"], dependencies=deps)
+    @app.post("/api/extra/generate/check", dependencies=deps)
     def check(body: p.GenkeyRequest | None = None, genkey: str | None = Query(None)):
         return service.kobold_check(body or p.GenkeyRequest(genkey=genkey))
+
+    @app.get("/api/extra/generate/check", dependencies=deps)
+    def check_get(genkey: str | None = Query(None)):
+        return service.kobold_check(p.GenkeyRequest(genkey=genkey))
 
     @app.post("/api/extra/tokencount", dependencies=deps)
     def tokencount(body: p.TokenCountRequest | None = None):
@@ -300,6 +344,46 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
                        allow_methods=["*"], allow_headers=["*"], max_age=600)
     app.add_middleware(Guard, bound_host=bound_host, allowed_origins=list(config.allowed_origins))
     return app
+
+
+class _HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers, which
+    uvicorn lacks: a client sending its headers a byte at a time (slowloris) held a
+    connection for as long as it liked. Armed when a connection opens and when the next
+    request's first bytes arrive; disarmed once the headers are complete."""
+
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(HEADER_TIMEOUT_S, self._late)
+
+    def _late(self) -> None:
+        self._deadline = None
+        if self.cycle is None or self.cycle.response_complete:  # still waiting for headers
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm()
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle and self._deadline is not None:  # a request's headers arrived
+            self._deadline.cancel()
+            self._deadline = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        super().connection_lost(exc)
 
 
 class KoboldServer:
@@ -314,7 +398,7 @@ class KoboldServer:
         self._socket.bind((host, port))
         self.host, self.port = host, self._socket.getsockname()[1]
         config = uvicorn.Config(create_app(service, host), log_level="info" if not quiet else "warning",
-                                access_log=not quiet, lifespan="off", timeout_keep_alive=5,
+                                access_log=not quiet, lifespan="off", timeout_keep_alive=5, http=_HeaderDeadline,
                                 h11_max_incomplete_event_size=64 * 1024)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

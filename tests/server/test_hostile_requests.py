@@ -74,3 +74,86 @@ def test_an_error_inside_a_stream_ends_it_with_an_error_event_in_the_routes_dial
     response = client.raw("POST", "/api/extra/generate/stream", {"prompt": "The knight", "max_length": 4})
     text = response.read().decode()
     assert "event: error" in text and json.loads(text.split("event: error\ndata: ")[1].split("\n\n")[0])["detail"]["msg"]
+
+
+def test_openapi_json_is_served_and_describes_every_route(client, server):
+    from fastapi.routing import APIRoute
+
+    status, spec = client.call("GET", "/openapi.json")
+    assert status == 200 and spec["openapi"].startswith("3.")
+    operations = [(method.upper(), path, op) for path, item in spec["paths"].items() for method, op in item.items()]
+    ids = [op["operationId"] for _, _, op in operations]
+    assert len(ids) == len(set(ids))  # API tools and client generators need them unique
+    routes = {(method, route.path) for route in server._server.config.app.routes if isinstance(route, APIRoute)
+              for method in route.methods}
+    assert routes == {(method, path) for method, path, _ in operations}
+    for method, path, op in operations:  # every error the server sends is described
+        assert {"400", "401", "422", "500"} <= set(op["responses"]), (method, path)
+    for path in ("/v1/completions", "/v1/chat/completions", "/api/extra/generate/stream"):
+        assert "text/event-stream" in spec["paths"][path]["post"]["responses"]["200"]["content"]
+    assert "CompletionRequest" in spec["components"]["schemas"]
+
+
+def _slow_server(server_engine, monkeypatch):
+    from kobold_desktop.server import http
+    from kobold_desktop.server.config import ServeConfig
+
+    from .conftest import start_server
+
+    monkeypatch.setattr(http, "HEADER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(http, "BODY_TIMEOUT_S", 1.5)
+    return start_server(server_engine, ServeConfig())
+
+
+def test_a_client_that_never_finishes_its_headers_is_cut_off(server_engine, monkeypatch):
+    import socket
+    import time
+
+    server = _slow_server(server_engine, monkeypatch)
+    try:
+        with socket.create_connection((server.host, server.port)) as conn:
+            conn.settimeout(10)
+            start = time.monotonic()
+            for piece in (b"POST /v1/completions HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n", b"X-a: b\r\n", b"X-c: d\r\n"):
+                try:
+                    conn.sendall(piece)
+                except OSError:
+                    break
+                time.sleep(0.4)  # a byte every so often restarted no clock before
+            assert conn.recv(1024) == b""  # closed by the server
+            assert time.monotonic() - start < 5
+        assert Client(server).call("GET", "/v1/models")[0] == 200  # others are served
+    finally:
+        server.stop()
+
+
+def test_a_body_that_trickles_in_gets_408_within_the_whole_request_deadline(server_engine, monkeypatch):
+    import socket
+    import time
+
+    server = _slow_server(server_engine, monkeypatch)
+    try:
+        with socket.create_connection((server.host, server.port)) as conn:
+            conn.settimeout(10)
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n")
+            start = time.monotonic()
+            reply = b""
+            for _ in range(20):  # one byte every 0.3 s: each under the old per-chunk timeout
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    break
+                time.sleep(0.3)
+                conn.setblocking(False)
+                try:
+                    reply += conn.recv(4096)
+                except BlockingIOError:
+                    pass
+                conn.setblocking(True)
+                if reply:
+                    break
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+            assert time.monotonic() - start < 4
+    finally:
+        server.stop()
