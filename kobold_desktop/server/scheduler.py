@@ -62,14 +62,38 @@ class BatchScheduler:
         self._thread.start()
 
     def submit(self, prompt_ids: Seq[int], softprompt: Active | None,
-               settings: SamplingSettings) -> RequestStream:
-        """Queue a request; raises `ModelError` at once for one that cannot run."""
+               settings: SamplingSettings, group: object = None) -> RequestStream:
+        """Queue a request; raises `ModelError` at once for one that cannot run. Requests
+        with the same `group` (the n copies of one client request) share its fair share."""
         stream = RequestStream(threading.Event())
         loaded = self.engine.loaded
         seq = make_request(softprompt, prompt_ids, settings, stream.put, stream.cancel, tokenizer=loaded.tokenizer,
                            eos=eos_token_ids(loaded.model, loaded.tokenizer))
+        seq.group = group if group is not None else seq
         self._queue.put(seq)
         return stream
+
+    def _admit(self, core, waiting: deque) -> None:
+        """Oldest first while the batch has room. Then fairness: while one client holds more
+        than half the batch (a request with n: 16 takes every row), requests of clients with
+        nothing running may join past `max_batch`, up to half as much again, so no one waits
+        for the heavy client's rows to finish (there is no preempting a running row)."""
+        core.admit(waiting, self.max_batch)
+        if not waiting or not core.rows:
+            return
+        held: dict[object, int] = {}
+        for seq in core.rows:
+            group = getattr(seq.owner, "group", seq.owner)
+            held[group] = held.get(group, 0) + 1
+        if max(held.values()) <= self.max_batch // 2:
+            return
+        newcomers = deque(r for r in waiting if getattr(r, "group", r) not in held)
+        if newcomers:
+            core.admit(newcomers, self.max_batch + self.max_batch // 2)
+            left = set(map(id, newcomers))
+            kept = [r for r in waiting if getattr(r, "group", r) in held or id(r) in left]
+            waiting.clear()
+            waiting.extend(kept)
 
     def stop(self) -> None:
         self._queue.put(None)
@@ -104,7 +128,7 @@ class BatchScheduler:
                             continue
                         loaded = self.engine.loaded
                         core = loaded.new_core(self.engine.prefix_cache)
-                    core.admit(waiting, self.max_batch)
+                    self._admit(core, waiting)
                     if core.active:
                         self.batch_sizes.append(len(core.rows))
                         try:

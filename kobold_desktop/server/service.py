@@ -294,14 +294,14 @@ class Service:
         if any(not ids for ids in prompts) and softprompt is None:
             raise ApiError(400, "the prompt is empty, and this model adds no BOS token and has no soft prompt to "
                                 "start from; send some text.", param="prompt")
-        streams = []
+        streams, group = [], object()  # the n copies of this request share one fair share
         for ids in prompts:
             for copy in range(n):
                 # n copies must differ: each gets its own seed derived from the request's.
                 seeded = settings if settings.seed is None or copy == 0 else settings.with_changes(
                     seed=(settings.seed + copy) % SEED_LIMIT)
                 try:
-                    streams.append(self.scheduler.submit(ids, softprompt, seeded))
+                    streams.append(self.scheduler.submit(ids, softprompt, seeded, group=group))
                 except KoboldError as exc:
                     for stream in streams:
                         stream.cancel.set()

@@ -37,7 +37,7 @@ class VllmScheduler:
         self.client = client
 
     def submit(self, prompt_ids: Seq[int], softprompt: Active | None,
-               settings: SamplingSettings) -> RequestStream:
+               settings: SamplingSettings, group: object = None) -> RequestStream:
         """Send a request to vLLM; raises at once when it cannot run (a mixture, a setting
         vLLM lacks, vLLM unreachable or refusing it)."""
         if isinstance(softprompt, ActiveMixture):

@@ -157,3 +157,46 @@ def test_a_body_that_trickles_in_gets_408_within_the_whole_request_deadline(serv
             assert time.monotonic() - start < 4
     finally:
         server.stop()
+
+
+def test_a_request_with_n_16_does_not_make_a_short_one_wait_for_its_rows(server_engine):
+    """One client asking for 16 copies used to fill all 16 rows; a 4-token request then
+    waited for them (48.5 s in the abuse run). It joins at the next step now."""
+    from kobold_desktop.engine import SamplingSettings
+    from kobold_desktop.server.scheduler import BatchScheduler
+
+    scheduler = BatchScheduler(server_engine, max_batch=16)
+    try:
+        ids = server_engine.encode("The knight rode")
+        heavy, group = [], object()
+        for copy in range(16):
+            heavy.append(scheduler.submit(ids, None, SamplingSettings(max_new_tokens=120, temperature=1.0, seed=copy,
+                                                                      repetition_penalty=1.0), group=group))
+        next(iter(heavy[0]))  # the heavy rows are running
+        short = scheduler.submit(ids, None, SamplingSettings(max_new_tokens=4, temperature=0))
+        result = short.result()
+        assert result.generated_tokens >= 1
+        heavy_results = [s.result() for s in heavy]
+        assert max(scheduler.batch_sizes) == 17  # it joined past the heavy client's 16 rows
+        longest = max(r.generated_tokens for r in heavy_results)
+        # it finished within a few steps of joining, long before the heavy rows ended
+        assert scheduler.batch_sizes.index(17) + result.generated_tokens + 2 < len(scheduler.batch_sizes) \
+            or longest <= result.generated_tokens + 2
+    finally:
+        scheduler.stop()
+
+
+def test_many_separate_clients_still_share_max_batch(server_engine):
+    from kobold_desktop.engine import SamplingSettings
+    from kobold_desktop.server.scheduler import BatchScheduler
+
+    scheduler = BatchScheduler(server_engine, max_batch=4)
+    try:
+        ids = server_engine.encode("The knight")
+        streams = [scheduler.submit(ids, None, SamplingSettings(max_new_tokens=6, temperature=1.0, seed=i))
+                   for i in range(10)]
+        for stream in streams:
+            stream.result()
+        assert max(scheduler.batch_sizes) <= 4  # no client holds more than half: no overflow
+    finally:
+        scheduler.stop()
