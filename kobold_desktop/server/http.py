@@ -37,6 +37,7 @@ from starlette.middleware.cors import CORSMiddleware
 from kobold_desktop import __version__
 from kobold_desktop.server import protocol as p
 from kobold_desktop.errors import KoboldError
+from kobold_desktop.server.scheduler import release_memory
 from kobold_desktop.server.service import ApiError, EventStream, Service
 
 MAX_BODY_BYTES = 16 << 20
@@ -91,6 +92,9 @@ def _validation_message(request: Request, error: dict[str, Any]) -> tuple[int, s
         if kind.startswith(prefix):
             return 422, f"'{where}' must be {word}.", name
     return 422, f"'{where}': {error['msg']}.", name
+
+
+TRIM_AFTER_BYTES = 1 << 20
 
 
 class Guard:
@@ -148,6 +152,7 @@ class Guard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        del chunks
         replayed = False
 
         async def replay():
@@ -157,7 +162,12 @@ class Guard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: disconnect notices for streaming responses
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if len(body) >= TRIM_AFTER_BYTES:
+                del body
+                release_memory()
 
 
 def _token(request: Request) -> str:

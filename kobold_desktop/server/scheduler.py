@@ -10,6 +10,7 @@ generation and the server take turns on the model token by token.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import traceback
 from collections import deque
@@ -20,6 +21,28 @@ from kobold_desktop.engine.engine import Active
 from kobold_desktop.engine.sequence import GenerationResult, Request, StreamEvent, eos_token_ids
 
 _DONE = object()
+
+
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl)
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_memory() -> None:
+    """Give freed memory back to the system. glibc keeps what large request bodies, their
+    text and tokens, and finished batches freed in its arenas: the server's resident size
+    stayed a third above idle after a burst. malloc_trim returns it (a few ms)."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class RequestStream:
@@ -103,8 +126,12 @@ class BatchScheduler:
         waiting: deque[Request] = deque()
         core, loaded = None, None
         stopping = False
+        worked = False
         while not stopping:
             idle = not waiting and (core is None or not core.active)
+            if idle and worked:  # a burst just ended: hand its memory back before waiting
+                release_memory()
+                worked = False
             try:
                 item = self._queue.get(block=idle)
                 while True:
@@ -130,6 +157,7 @@ class BatchScheduler:
                         core = loaded.new_core(self.engine.prefix_cache)
                     self._admit(core, waiting)
                     if core.active:
+                        worked = True
                         self.batch_sizes.append(len(core.rows))
                         try:
                             core.step()

@@ -14,6 +14,7 @@ import collections
 import io
 import json
 import pickle
+import pickletools
 import struct
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,24 @@ class _StorageSizes(pickle.Unpickler):
         return None
 
 
+# Protocol 5's out-of-band buffers and bytearrays: torch never writes them, and with them
+# a damaged pickle made CPython free a bytearray still exported to a buffer (found by the
+# fuzz suite: "deallocated bytearray object has exported buffers").
+_REFUSED_OPCODES = frozenset({"BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER"})
+
+
+def _scan(handle: Any, pickles: int = 1) -> None:
+    """Walk `pickles` pickles' opcodes without running any; refuse the buffer opcodes."""
+    for _ in range(pickles):
+        for opcode, _arg, _pos in pickletools.genops(handle):
+            if opcode.name in _REFUSED_OPCODES:
+                raise pickle.UnpicklingError(f"unexpected {opcode.name} in a tensor's pickle")
+
+
 def _check_declared_sizes(data: bytes) -> None:
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError("a tensor's storage is not plain bytes")
+    _scan(io.BytesIO(data), pickles=4)
     handle = io.BytesIO(data)
     for _ in range(3):  # magic number, protocol version, system info: plain values only
         _StorageSizes(handle).load()
@@ -173,6 +191,7 @@ def load(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[SoftPrompt, torch
     except (binascii.Error, UnicodeEncodeError) as exc:
         raise CorruptFileError("its 'tensor' field is not valid base64.", path) from exc
     try:
+        _scan(io.BytesIO(raw))
         tensor = _TensorOnlyUnpickler(raw, path, limits).load()
     except SoftPromptError as exc:
         if exc.path is None:  # the budget check, made before the path was at hand

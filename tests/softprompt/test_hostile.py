@@ -232,3 +232,23 @@ def test_mixture_weights_must_be_finite_and_sum_to_a_positive_finite_number(tmp_
     (tmp_path / "mix.json").write_text(json.dumps({"name": "m", "members": members}).replace("Infinity", "1e999"))
     with pytest.raises(MixtureError):
         read_mixture(tmp_path / "mix.json")
+
+
+def test_pickle_protocol_5_buffers_are_refused_before_unpickling(tmp_path):
+    """The fuzz suite's 10,000-case run once made CPython free a bytearray still exported to
+    a buffer inside the unpickler; torch never writes protocol 5's bytearrays and buffers."""
+    storage = torch.arange(8.0).untyped_storage()
+    buffer = io.BytesIO()
+    torch.save(storage, buffer, _use_new_zipfile_serialization=False)
+
+    class Bytes:
+        def __reduce__(self):
+            return (torch.storage._load_from_bytes, (bytearray(buffer.getvalue()),))
+
+    class View:
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, (Bytes(), 0, (2, 4), (4, 1), False, collections.OrderedDict()))
+
+    payload = base64.b64encode(pickle.dumps(View(), protocol=5)).decode()
+    (tmp_path / "p5.json").write_text(json.dumps({"tensor": payload}))
+    refused(tmp_path / "p5.json", E.UnsafeFileError, "BYTEARRAY8")
