@@ -43,15 +43,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize
 COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report():
-    yield
-    for fmt, counts in sorted(COUNTS.items()):
-        total = sum(counts.values())
-        print(f"\nfuzz {fmt}: {total} cases, {counts['accepted']} accepted, {counts['refused']} refused, "
-              f"{counts['defect']} defects")
-
-
 # -- mutations --------------------------------------------------------------------------
 
 OPS = st.lists(st.tuples(st.sampled_from(["flip", "set", "cut", "insert", "copy"]), st.integers(0, 1 << 30),

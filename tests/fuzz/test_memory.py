@@ -1,5 +1,7 @@
 """Tiny files that ask for gigabytes: refused before the memory is taken. Run in a child
-process whose peak resident memory (ru_maxrss) is compared before and after the loads."""
+process under an address-space limit (256 MiB above what it holds), whose peak resident
+memory (ru_maxrss) is compared before and after the loads; each refusal must be the byte
+budget's, not a failed allocation."""
 
 import json
 import subprocess
@@ -11,6 +13,9 @@ CHILD = r"""
 import json, resource, sys
 from kobold_desktop.softprompt import load_softprompt, describe_softprompt
 from kobold_desktop.softprompt.errors import SoftPromptError
+# Under a memory limit: 256 MiB more address space than the process has now.
+size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (256 << 20), resource.RLIM_INFINITY))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 outcomes = []
 for path in sys.argv[1:]:
