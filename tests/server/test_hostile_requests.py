@@ -200,3 +200,33 @@ def test_many_separate_clients_still_share_max_batch(server_engine):
         assert max(scheduler.batch_sizes) <= 4  # no client holds more than half: no overflow
     finally:
         scheduler.stop()
+
+
+def test_a_bad_file_in_the_library_never_stops_the_server_or_gives_500(server_engine, tmp_path):
+    """`serve --prompt-adapters x=Sea` failed at start and a load by name gave 500 while
+    one damaged file sat in the library."""
+    import torch
+
+    from kobold_desktop.paths import user_softprompt_dir
+    from kobold_desktop.server.config import ServeConfig
+    from kobold_desktop.softprompt import Metadata, kobold_zip
+
+    from ..softprompt.test_hostile import mkultra_view
+    from .conftest import start_server
+
+    folder = user_softprompt_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    kobold_zip.write(folder / "sea.zip", torch.randn(4, 32), Metadata(name="Sea"))
+    mkultra_view(folder / "leak.json", 16, 0, (8, 4), (4, 1))
+    (folder / "deep.json").write_text('{"tensor": ' + "[" * 5000 + "]" * 5000 + "}")
+    server = start_server(server_engine, ServeConfig(prompt_adapters={"x": "Sea"}))  # by name, at start
+    try:
+        client = Client(server)
+        assert [m["id"] for m in client.call("GET", "/v1/models")[1]["data"]][1:] == ["x"]
+        for name in ("leak", "deep.json"):
+            status, body = client.call("POST", "/v1/soft_prompt/load", {"name": name, "path": name})
+            assert status == 400 and "error" in body, (status, body)
+        status, body = client.call("PUT", "/api/v1/config/soft_prompt", {"value": "leak"})
+        assert 400 <= status < 500, (status, body)
+    finally:
+        server.stop()

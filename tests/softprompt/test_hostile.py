@@ -252,3 +252,25 @@ def test_pickle_protocol_5_buffers_are_refused_before_unpickling(tmp_path):
     payload = base64.b64encode(pickle.dumps(View(), protocol=5)).decode()
     (tmp_path / "p5.json").write_text(json.dumps({"tensor": payload}))
     refused(tmp_path / "p5.json", E.UnsafeFileError, "BYTEARRAY8")
+
+
+@pytest.mark.parametrize("header", [
+    {"prompt_embeddings": {"dtype": "F32", "shape": [5, 16], "data_offsets": [0, 10 ** 9]}},
+    {"prompt_embeddings": {"dtype": "F32", "shape": [5, 16], "data_offsets": [320, 0]}},
+    {"prompt_embeddings": {"dtype": "F32", "shape": [5, 16], "data_offsets": "x"}},
+    {"prompt_embeddings": {"dtype": "F32", "shape": [5, 16], "data_offsets": [0, 320]}, "__metadata__": [1]},
+    {"prompt_embeddings": {"dtype": "F32", "shape": [5, -16], "data_offsets": [0, 320]}},
+])
+def test_a_zipped_peft_adapter_with_a_damaged_safetensors_header_is_our_error(tmp_path, header):
+    from kobold_desktop.softprompt import peft_dir
+    from kobold_desktop.softprompt.types import Metadata
+
+    peft_dir.write(tmp_path / "adapter", random_tensor(), Metadata(name="a"))
+    raw = json.dumps(header).encode()
+    data = len(raw).to_bytes(8, "little") + raw + bytes(320)
+    with zipfile.ZipFile(tmp_path / "adapter.zip", "w") as zf:
+        zf.write(tmp_path / "adapter" / "adapter_config.json", "adapter/adapter_config.json")
+        zf.writestr("adapter/adapter_model.safetensors", data)
+    with pytest.raises(E.SoftPromptError) as info:
+        load_softprompt(tmp_path / "adapter.zip")
+    assert "adapter.zip" in str(info.value)
