@@ -150,7 +150,7 @@ def parse_json(data: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> object:
 
 def require_regular_file(path: Path) -> None:
     """Only regular files are read: a pipe would hang the reader and a device (a link to
-    /dev/zero) would never end. Raises JsonError's sibling, OSError, with a plain message."""
+    /dev/zero) would never end. Raises NotRegularFileError (an OSError) with a plain message."""
     import stat
 
     mode = os.stat(path).st_mode  # follows links: what would actually be read

@@ -18,6 +18,11 @@ class UsageError(KoboldError):
     """Bad arguments."""
 
 
+def say_runs_on(runs_on: dict[str, str]) -> None:
+    """The device and precision chosen, with why (LoadedModel.runs_on), on stderr."""
+    print(f"Running on {runs_on['device']} in {runs_on['precision']} ({runs_on['why']}).", file=sys.stderr, flush=True)
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
 

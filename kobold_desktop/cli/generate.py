@@ -14,6 +14,7 @@ from kobold_desktop.cli.common import (
     model_argument,
     model_flags,
     print_json,
+    say_runs_on,
     quiet_transformers,
     resolve_model,
 )
@@ -101,7 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"Loading {model} ...", file=sys.stderr)
     engine.load(model, load_options(args, trust_remote_code=args.trust_remote_code))
     runs_on = engine.loaded.runs_on()
-    print(f"Running on {runs_on['device']} in {runs_on['precision']} ({runs_on['why']}).", file=sys.stderr)
+    say_runs_on(runs_on)
     active = None
     if mixture is not None:
         active = engine.set_mixture(*mixture)

@@ -15,6 +15,7 @@ from kobold_desktop.cli.common import (
     model_flags,
     quiet_transformers,
     resolve_model,
+    say_runs_on,
 )
 
 
@@ -91,10 +92,9 @@ def serve(service, config, args: argparse.Namespace) -> int:
     warn_if_exposed(config.host, config.api_key)
     names = ", ".join(service.adapters) or "none"
     backend = f" on vLLM at {service.scheduler.client.url}" if config.backend == "vllm" else ""
-    runs_on = service.runs_on()
     print(f"Serving {service.model_id}{backend} (soft prompts: {names}) at {server.url}/v1 (OpenAI) and "
           f"{server.url}/api (KoboldAI); Ctrl+C stops.", file=sys.stderr, flush=True)
-    print(f"Running on {runs_on['device']} in {runs_on['precision']} ({runs_on['why']}).", file=sys.stderr, flush=True)
+    say_runs_on(service.runs_on())
     try:
         server.serve_forever()
     except KeyboardInterrupt:

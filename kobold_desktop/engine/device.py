@@ -66,31 +66,27 @@ def cuda_has_native_bf16(device: torch.device | None = None) -> bool:
 def choose_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
     """GPUs: bfloat16 where native, else float16. CPUs: bfloat16 with AMX, else float32.
     Apple MPS: float16. `requested` overrides."""
+    return dtype_choice(device, requested)[0]
+
+
+def dtype_choice(device: torch.device, requested: str | None = None) -> tuple[torch.dtype, str]:
+    """`choose_dtype`'s answer and why, in words for `generate --json`, the server and
+    --self-test (bfloat16 on a CPU changes the text: greedy tokens part from float32's)."""
     if requested and requested != "auto":
         try:
-            return DTYPES[requested.lower()]
+            dtype = DTYPES[requested.lower()]
         except KeyError:
             raise ModelError(
                 f"unknown dtype '{requested}'; use one of float32, float16, bfloat16."
             ) from None
+        return dtype, f"{str(dtype).removeprefix('torch.')}: asked for"
     if device.type == "cuda":
-        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
+        if cuda_has_native_bf16(device):
+            return torch.bfloat16, "bfloat16: native on this GPU"
+        return torch.float16, "float16: this GPU has no native bfloat16"
     if device.type == "mps":
-        return torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
-
-def dtype_reason(device: torch.device, requested: str | None, dtype: torch.dtype) -> str:
-    """Why `choose_dtype` gave `dtype`, in words for `generate --json`, the server and
-    --self-test (bfloat16 on a CPU changes the text: greedy tokens part from float32's)."""
-    name = str(dtype).removeprefix("torch.")
-    if requested and requested != "auto":
-        return f"{name}: asked for"
-    if device.type == "cuda":
-        return f"{name}: " + ("native on this GPU" if dtype == torch.bfloat16 else "this GPU has no native bfloat16")
-    if device.type == "mps":
-        return f"{name}: Apple GPUs"
-    if dtype == torch.bfloat16:
-        return ("bfloat16: this CPU has AMX, which reads prompts about 2.4x faster in it; greedy text "
-                "differs from float32's (use --dtype float32 for the same text as on other CPUs)")
-    return f"{name}: this CPU has no AMX (bfloat16 would be slower here)"
+        return torch.float16, "float16: Apple GPUs"
+    if cpu_has_native_bf16():
+        return torch.bfloat16, ("bfloat16: this CPU has AMX, which reads prompts about 2.4x faster in it; greedy "
+                                "text differs from float32's (use --dtype float32 for the same text as on other CPUs)")
+    return torch.float32, "float32: this CPU has no AMX (bfloat16 would be slower here)"

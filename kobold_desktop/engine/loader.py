@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from kobold_desktop.engine.device import choose_device, choose_dtype, dtype_reason
+from kobold_desktop.engine.device import choose_device, dtype_choice
 from kobold_desktop.engine.errors import ModelError
 from kobold_desktop.engine.model_info import ModelInfo, read_model_info
 from kobold_desktop.engine.llamacpp.model import is_gguf
@@ -47,7 +47,7 @@ class LoadedModel:
     source: str
     dtype: torch.dtype
     device_map: dict[str, Any] | None = field(default=None)
-    dtype_reason: str = ""  # why this precision (see device.dtype_reason)
+    dtype_reason: str = ""  # why this precision (see device.dtype_choice)
 
     @property
     def backend(self) -> str:
@@ -151,7 +151,7 @@ def load_model(
     progress("Reading the model's config", 0.05)
     info = read_model_info(source, trust_remote_code=options.trust_remote_code)
     device = choose_device(options.device)
-    dtype = choose_dtype(device, options.dtype)
+    dtype, reason = dtype_choice(device, options.dtype)
 
     progress("Loading the tokenizer", 0.15)
     try:
@@ -186,7 +186,7 @@ def load_model(
     model.requires_grad_(False)
     progress("Ready", 1.0)
     return LoadedModel(model, tokenizer, info, source, dtype, device_map,
-                       dtype_reason=dtype_reason(device, options.dtype, dtype))
+                       dtype_reason=reason)
 
 
 def load_gguf(source: str | Path, options: LoadOptions = LoadOptions(), progress: Progress = _no_progress) -> LoadedModel:

@@ -260,13 +260,16 @@ class Service:
         if prompt and all(isinstance(t, str) for t in prompt):
             return [self._encode(t) for t in prompt]
         if prompt and all(isinstance(t, int) for t in prompt):
-            vocab = len(self.engine.loaded.tokenizer)
-            bad = next((t for t in prompt if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ApiError(400, f"token id {bad} is not in this model's vocabulary (ids 0 to {vocab - 1}).",
-                               param="prompt")
+            self._check_ids(prompt, "prompt")
             return [list(prompt)]
         raise ApiError(422, "'prompt' must be a string, a list of strings, or a list of token ids.", param="prompt")
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        vocab = len(self.engine.loaded.tokenizer)
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(422 if param == "tokens" else 400, f"token id {bad} is not in this model's vocabulary "
+                                                              f"(ids 0 to {vocab - 1}).", param=param)
 
     def _check_length(self, ids: list[int], softprompt: Active | None, max_tokens: int) -> None:
         context = self.engine.context_length
@@ -385,9 +388,7 @@ class Service:
         return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.context_length}
 
     def detokenize(self, body: p.DetokenizeRequest) -> dict[str, Any]:
-        vocab = len(self.engine.loaded.tokenizer)
-        if any(t < 0 or t >= vocab for t in body.tokens):
-            raise ApiError(422, f"'tokens' must be ids from 0 to {vocab - 1}.", param="tokens")
+        self._check_ids(body.tokens, "tokens")
         return {"prompt": self.engine.loaded.tokenizer.decode(body.tokens)}
 
     def kobold_tokencount(self, body: p.TokenCountRequest) -> dict[str, Any]:

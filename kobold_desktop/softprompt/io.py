@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import re
 
 from dataclasses import dataclass
@@ -104,8 +103,6 @@ def _guarded(read: Callable[[], T], path: Path) -> T:
     except MemoryError as exc:
         raise CorruptFileError("needs more memory than a soft prompt can; refused.", path) from exc
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise SoftPromptError(f"cannot be written: {exc.strerror} (nothing was left half-written).", path) from exc
         raise CorruptFileError(f"cannot be read: {exc.strerror or exc}.", path) from exc
     except Exception as exc:  # noqa: BLE001 - see the docstring: damage shows as our error
         raise CorruptFileError(f"is damaged and cannot be read ({type(exc).__name__}).", path) from exc

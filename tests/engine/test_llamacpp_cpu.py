@@ -121,15 +121,18 @@ def test_every_weight_type_loads_and_decodes_here(typed, f32_tokens, kind):
         assert first >= len(PROMPTS) - 1
 
 
+# A process loads one CPU variant: each run is a child that decodes 8 greedy tokens.
+CHILD = ("import json, sys\n"
+         "from kobold_desktop.engine import Engine, SamplingSettings\n"
+         "from kobold_desktop.engine.llamacpp.model import cpu_backend\n"
+         "e = Engine(); e.load(sys.argv[1])\n"
+         "r = e.generate('Once upon a time', SamplingSettings(max_new_tokens=8, temperature=0, repetition_penalty=1.0))\n"
+         "print(json.dumps({'variant': cpu_backend().variant, 'tokens': list(r.token_ids)}))\n")
+
+
 def _run_forced(variant: str, model: Path) -> dict:
-    code = ("import json, sys\n"
-            "from kobold_desktop.engine import Engine, SamplingSettings\n"
-            "from kobold_desktop.engine.llamacpp.model import cpu_backend\n"
-            "e = Engine(); e.load(sys.argv[1])\n"
-            "r = e.generate('Once upon a time', SamplingSettings(max_new_tokens=8, temperature=0, repetition_penalty=1.0))\n"
-            "print(json.dumps({'variant': cpu_backend().variant, 'tokens': list(r.token_ids)}))\n")
     env = dict(os.environ, **{cpu.ENV: variant})
-    done = subprocess.run([sys.executable, "-c", code, str(model)], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", CHILD, str(model)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{variant}: exit {done.returncode}\n{done.stderr[-2000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -164,14 +167,8 @@ def test_an_older_cpu_under_emulation_picks_its_level_and_decodes_the_same(backe
         pytest.skip("qemu-user is not installed (apt-get install qemu-user) to emulate an older CPU")
     if backend.variant == cpu.BUILT_IN:
         pytest.skip("this llama.cpp has its CPU code linked in (not built by make)")
-    code = ("import json, sys\n"
-            "from kobold_desktop.engine import Engine, SamplingSettings\n"
-            "from kobold_desktop.engine.llamacpp.model import cpu_backend\n"
-            "e = Engine(); e.load(sys.argv[1])\n"
-            "r = e.generate('Once upon a time', SamplingSettings(max_new_tokens=8, temperature=0, repetition_penalty=1.0))\n"
-            "print(json.dumps({'variant': cpu_backend().variant, 'tokens': list(r.token_ids)}))\n")
     env = {k: v for k, v in os.environ.items() if k != cpu.ENV}
-    done = subprocess.run([qemu, "-cpu", model, sys.executable, "-c", code, str(typed["q8_0"])], env=env,
+    done = subprocess.run([qemu, "-cpu", model, sys.executable, "-c", CHILD, str(typed["q8_0"])], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])

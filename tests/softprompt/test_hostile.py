@@ -160,12 +160,17 @@ def test_a_pipe_or_a_link_to_a_device_is_never_read(tmp_path):
         refused(tmp_path / name, E.UnsupportedFormatError, "not a regular file")
 
 
-def test_one_bad_file_is_one_greyed_row_and_the_rest_list(tmp_path):
-    folder = tmp_path / "softprompts"
+def hostile_library(folder):
+    """A library folder: one good soft prompt beside a leaking view and JSON nested too deep."""
     folder.mkdir()
     softprompt_zip(folder / "good.zip")
     mkultra_view(folder / "leak.json", 16, 0, (8, 4), (4, 1))
     (folder / "deep.json").write_text('{"tensor": ' + "[" * 5000 + "]" * 5000 + "}")
+    return folder
+
+
+def test_one_bad_file_is_one_greyed_row_and_the_rest_list(tmp_path):
+    folder = hostile_library(tmp_path / "softprompts")
     os.mkfifo(folder / "pipe.zip")
     entries = {e.path.name: e for e in SoftPromptLibrary(folder, []).scan()}
     assert entries["good.zip"].valid
@@ -174,11 +179,7 @@ def test_one_bad_file_is_one_greyed_row_and_the_rest_list(tmp_path):
 
 
 def test_softprompt_list_and_inspect_print_no_traceback_for_hostile_files(tmp_path):
-    folder = tmp_path / "softprompts"
-    folder.mkdir()
-    softprompt_zip(folder / "good.zip")
-    mkultra_view(folder / "leak.json", 16, 0, (8, 4), (4, 1))
-    (folder / "deep.json").write_text('{"tensor": ' + "[" * 5000 + "]" * 5000 + "}")
+    folder = hostile_library(tmp_path / "softprompts")
     run = [sys.executable, "-m", "kobold_desktop", "softprompt"]
     listed = subprocess.run(run + ["list", "--dir", str(folder), "--json"], capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and "Traceback" not in listed.stderr

@@ -60,8 +60,17 @@ class CpuBackend:
         return line
 
 
-def _prefix_suffix() -> tuple[str, str]:
-    return ("ggml-cpu-", ".dll") if sys.platform == "win32" else ("libggml-cpu-", ".so")
+def _libraries(dirs: list[Path], stem: str) -> dict[str, Path]:
+    """{name: library} for ggml's loadable libraries `[lib]<stem>NAME.so|.dll` in `dirs`
+    (the first folder that has a name wins; copies like `.so.0` are not loadable backends)."""
+    prefix, suffix = (stem, ".dll") if sys.platform == "win32" else ("lib" + stem, ".so")
+    found: dict[str, Path] = {}
+    for folder in dirs:
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.name.startswith(prefix) and path.name.endswith(suffix):
+                    found.setdefault(path.name[len(prefix):-len(suffix)], path)
+    return found
 
 
 def library_dirs(lib: Any) -> list[Path]:
@@ -72,29 +81,13 @@ def library_dirs(lib: Any) -> list[Path]:
 
 
 def variant_files(dirs: list[Path]) -> dict[str, Path]:
-    """{variant: library} for every CPU variant library in `dirs` (first one found wins)."""
-    prefix, suffix = _prefix_suffix()
-    found: dict[str, Path] = {}
-    for folder in dirs:
-        if folder.is_dir():
-            for path in sorted(folder.iterdir()):
-                if path.name.startswith(prefix) and path.name.endswith(suffix):
-                    found.setdefault(path.name[len(prefix):-len(suffix)], path)
-    return found
+    """{variant: library} for every CPU variant library in `dirs`."""
+    return _libraries(dirs, "ggml-cpu-")
 
 
 def backend_files(dirs: list[Path]) -> list[Path]:
     """Loadable non-CPU backends (CUDA, Vulkan, Metal, BLAS, ...) in a GGML_BACKEND_DL build."""
-    prefix, suffix = ("ggml-", ".dll") if sys.platform == "win32" else ("libggml-", ".so")
-    found = {}
-    for folder in dirs:
-        if folder.is_dir():
-            for path in sorted(folder.iterdir()):
-                name = path.name
-                if name.startswith(prefix) and name.endswith(suffix) and not name.startswith(prefix + "cpu") \
-                        and name[len(prefix):-len(suffix)] not in ("base",):
-                    found.setdefault(name, path)
-    return list(found.values())
+    return [path for name, path in _libraries(dirs, "ggml-").items() if name != "base" and not name.startswith("cpu")]
 
 
 def score(path: Path) -> int:
