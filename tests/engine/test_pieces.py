@@ -169,7 +169,7 @@ def test_gpu_memory_limit_splits_layers_with_accelerate(model_dirs, monkeypatch)
         return model
 
     monkeypatch.setattr(loader, "choose_device", lambda requested=None: torch.device("cuda", 0))
-    monkeypatch.setattr(loader, "choose_dtype", lambda device, requested=None: torch.float32)
+    monkeypatch.setattr(loader, "dtype_choice", lambda device, requested=None: (torch.float32, "float32: asked for"))
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
     loaded = loader.load_model(model_dirs["gpt2"], LoadOptions(max_gpu_memory="6GiB"))
     assert captured["device_map"] == "auto"
