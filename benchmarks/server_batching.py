@@ -123,9 +123,10 @@ def main() -> None:
         server = KoboldServer(service, "127.0.0.1", 0).start()
         port = server.port
         try:
-            before = len(service.scheduler.batch_sizes)
+            sizes: list[int] = []
+            service.scheduler.on_step = sizes.append
             sequential, concurrent, counts = throughput(port)
-            sizes = service.scheduler.batch_sizes[before:]
+            service.scheduler.on_step = None
             alone, beside_long = head_of_line(port)
         finally:
             server.stop()

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from kobold_desktop.engine import Engine, LoadOptions, SamplingSettings, make_request
-from kobold_desktop.engine.engine import Active
-from kobold_desktop.engine.sampling import SEED_LIMIT
-from kobold_desktop.engine.sequence import GenerationResult, eos_token_ids
+from kobold_desktop.engine.active import Active
+from kobold_desktop.engine.engine import Engine
+from kobold_desktop.engine.loader import LoadOptions
+from kobold_desktop.engine.sampling import SEED_LIMIT, SamplingSettings
+from kobold_desktop.engine.sequence import GenerationResult
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.prompt_adapter.request import PromptAdapterRequest
 
@@ -103,16 +104,6 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.loaded.tokenizer
 
-    def _prepare(self, path: str) -> Active:
-        """A soft prompt, or a mixture file (members found beside it or in the library)."""
-        from kobold_desktop.softprompt.library import SoftPromptLibrary
-        from kobold_desktop.softprompt.mixture import is_mixture_file, read_mixture, resolve_members
-
-        if is_mixture_file(Path(path)):
-            mixture = read_mixture(path)
-            return self.engine.prepare_mixture(mixture, resolve_members(mixture, SoftPromptLibrary().folders))
-        return self.engine.prepare_softprompts([path])
-
     def _adapter(self, request: PromptAdapterRequest | None) -> Active | None:
         if request is None:
             return None
@@ -122,7 +113,7 @@ class LLM:
         if cached is not None and cached[0] == request:
             self._adapters.move_to_end(request.adapter_id)
             return cached[1]
-        softprompt = self._prepare(request.local_path)
+        softprompt = self.engine.prepare(Path(request.local_path))
         if self.max_prompt_adapter_token and softprompt.n_tokens > self.max_prompt_adapter_token:
             raise PromptAdapterError(
                 f"prompt adapter '{request.name}' has {softprompt.n_tokens} virtual tokens, more than "
@@ -144,7 +135,6 @@ class LLM:
         params = _per_prompt(sampling_params or SamplingParams(), len(texts), "sampling params")
         adapters = [self._adapter(r) for r in _per_prompt(prompt_adapter_request, len(texts), "adapter requests")]
         loaded = self.engine.loaded
-        eos = eos_token_ids(loaded.model, loaded.tokenizer)
         outputs, rows = [], []
         for text, param, adapter in zip(texts, params, adapters):
             ids = self.engine.encode(text)
@@ -154,8 +144,7 @@ class LLM:
                 # n samples must differ: each gets its own seed derived from the request's.
                 seed = None if param.seed is None else (param.seed + index) % SEED_LIMIT
                 results: list = []
-                row = make_request(adapter, ids, param.settings(seed), results.append, tokenizer=loaded.tokenizer,
-                                   eos=eos)
+                row = loaded.new_request(ids, adapter, param.settings(seed), results.append)
                 rows.append((output, index, row, results))
         self.engine.run([row for _, _, row, _ in rows])
         for output, index, _, results in rows:
@@ -163,6 +152,6 @@ class LLM:
             if isinstance(final, BaseException):
                 raise final
             assert isinstance(final, GenerationResult)
-            reason = {"cancelled": "abort"}.get(final.finish_reason, final.finish_reason)
-            output.outputs.append(CompletionOutput(index, final.text, list(final.token_ids), reason))
+            output.outputs.append(CompletionOutput(index, final.text, list(final.token_ids),
+                                                   final.finish_reason.vllm))
         return outputs

@@ -1,27 +1,30 @@
 """Model loading and generation (no Qt)."""
 
-from kobold_desktop.engine.engine import ActiveSoftPrompt, Engine, make_request
-from kobold_desktop.engine.mixture import ActiveMixture, MixedSequence
+from kobold_desktop.engine.active import ActiveMixture, ActiveSoftPrompt, RemoteModel, SoftPromptStatus
+from kobold_desktop.engine.engine import Engine
+from kobold_desktop.engine.mixture import MixedSequence
 from kobold_desktop.engine.errors import ModelError
 from kobold_desktop.engine.prefix_cache import PrefixCache
-from kobold_desktop.engine.sequence import CancelCriteria, GenerationResult, TextChunk
-from kobold_desktop.engine.loader import LoadedModel, LoadOptions, load_model
+from kobold_desktop.engine.sequence import FinishReason, GenerationResult, TextChunk
+from kobold_desktop.engine.loader import ContextOverflow, LoadedModel, LoadOptions, load_model
 from kobold_desktop.engine.sampling import SamplingSettings, SettingsError
 
 __all__ = [
     "ActiveMixture",
     "ActiveSoftPrompt",
-    "MixedSequence",
-    "make_request",
-    "CancelCriteria",
+    "ContextOverflow",
     "Engine",
+    "FinishReason",
     "GenerationResult",
     "LoadOptions",
     "LoadedModel",
+    "MixedSequence",
     "ModelError",
     "PrefixCache",
+    "RemoteModel",
     "SamplingSettings",
     "SettingsError",
+    "SoftPromptStatus",
     "TextChunk",
     "load_model",
 ]

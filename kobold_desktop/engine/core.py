@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kobold_desktop.engine import kv
+import kobold_desktop.engine.kv as kv
 from kobold_desktop.engine.errors import ModelError
 from kobold_desktop.engine.prefix_cache import PrefixCache
 from kobold_desktop.engine.sequence import Request, Sequence

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import gc
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
+from kobold_desktop.engine.backend import Backend, TransformersBackend
 from kobold_desktop.engine.device import choose_device, dtype_choice
 from kobold_desktop.engine.errors import ModelError
+from kobold_desktop.engine.llamacpp.header import is_gguf
 from kobold_desktop.engine.model_info import ModelInfo, read_model_info
-from kobold_desktop.engine.llamacpp.model import is_gguf
+from kobold_desktop.engine.sampling import SamplingSettings
+from kobold_desktop.engine.sequence import Request, Sink, eos_token_ids
+from kobold_desktop.engine.sequence import Sequence as Row
 
 Progress = Callable[[str, float], None]  # (what is happening, fraction done 0..1)
 
@@ -37,9 +42,18 @@ class LoadOptions:
     gpu_layers: int | None = None
 
 
+def room(context_length: int, active: Any, max_new_tokens: int, context_limit: int | None = None) -> int:
+    """Prompt tokens that fit: the context (or a smaller limit the user set) less the soft
+    prompt's rows (`active.n_tokens`; None: none) and the tokens to generate. The one
+    context-fit rule, for local models and servers alike."""
+    context = min(context_length, context_limit) if context_limit else context_length
+    return context - max_new_tokens - (active.n_tokens if active is not None else 0)
+
+
 @dataclass
 class LoadedModel:
-    """A model ready to generate: weights, tokenizer and what we know about them."""
+    """A model ready to generate: a tokenizer, what we know of the model, and the backend
+    that runs it. Everything that differs between backends is the backend's (backend.py)."""
 
     model: Any
     tokenizer: Any
@@ -48,81 +62,86 @@ class LoadedModel:
     dtype: torch.dtype
     device_map: dict[str, Any] | None = field(default=None)
     dtype_reason: str = ""  # why this precision (see device.dtype_choice)
+    runtime: Backend | None = None  # transformers unless the loader gives another
+
+    def __post_init__(self) -> None:
+        if self.runtime is None:
+            self.runtime = TransformersBackend(self.model, self.dtype, self.device_map, self.dtype_reason)
 
     @property
     def backend(self) -> str:
-        """"transformers", or "llama.cpp" for a GGUF file."""
-        return getattr(self.model, "backend", "transformers")
+        """"transformers", "llama.cpp" (a GGUF file) or "embeddings only" (a remote vLLM)."""
+        return self.runtime.name
 
     @property
     def input_device(self) -> torch.device:
-        """Where the input embeddings live (the first layer's device when split); llama.cpp
-        takes soft prompt rows from the host."""
-        if self.backend != "transformers":
-            return torch.device("cpu")
-        return self.model.get_input_embeddings().weight.device
+        return self.runtime.input_device
 
     @property
     def precision(self) -> str:
-        """What the weights are stored as: "bfloat16", or a GGUF type such as "Q8_0"."""
-        if self.backend != "transformers":
-            return self.model.precision
-        return str(self.dtype).removeprefix("torch.")
+        return self.runtime.precision
 
     def runs_on(self) -> dict[str, str]:
         """Where and in what precision the model runs, and why: what `generate --json`, the
         server's /v1/models and start-up line, the window and --self-test all say."""
-        if self.backend != "transformers":
-            gpu = self.model.gpu_layers
-            device = f"{gpu} layers on the GPU" if gpu else f"cpu ({self.model.cpu.variant})"
-            return {"backend": "llama.cpp", "device": device, "precision": self.precision,
-                    "why": self.model.cpu.describe()}
-        return {"backend": "transformers", "device": self.device_label, "precision": self.precision,
-                "why": self.dtype_reason}
+        return self.runtime.runs_on()
 
     @property
     def hidden_size(self) -> int:
-        """The width of the input embeddings: what a soft prompt's rows must have."""
-        if self.backend != "transformers":
-            return self.model.hidden_size
-        return int(self.model.get_input_embeddings().weight.shape[1])
+        return self.runtime.hidden_size
+
+    @property
+    def device_label(self) -> str:
+        return self.runtime.device_label
 
     @property
     def context_length(self) -> int:
         return self.info.context_length or 2048
 
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """The tokens that end a generation: the one EOS rule (sequence.eos_token_ids)."""
+        return frozenset(eos_token_ids(self.model, self.tokenizer))
+
     def new_core(self, prefix_cache: Any = None) -> Any:
         """A stepping core on this model (llama.cpp keeps its own prefix cache in its
         context, so `prefix_cache` is for transformers models)."""
-        if self.backend != "transformers":
-            from kobold_desktop.engine.llamacpp.core import LlamaCore
+        return self.runtime.new_core(prefix_cache)
 
-            return LlamaCore(self.model)
-        from kobold_desktop.engine.core import StepCore
+    def room(self, active: Any, max_new_tokens: int, context_limit: int | None = None) -> int:
+        """Prompt tokens that fit under `active` (see `room`)."""
+        return room(self.context_length, active, max_new_tokens, context_limit)
 
-        return StepCore(self.model, prefix_cache)
+    def check_fits(self, prompt_tokens: int, active: Any, max_new_tokens: int) -> None:
+        """Raise `ContextOverflow` unless the prompt fits the context with the soft prompt
+        and the tokens to generate."""
+        if prompt_tokens > self.room(active, max_new_tokens):
+            raise ContextOverflow(prompt_tokens, active.n_tokens if active is not None else 0, max_new_tokens,
+                                  self.context_length)
+
+    def new_request(self, prompt_ids: Sequence[int], active: Any, settings: SamplingSettings,
+                    sink: Sink | None = None, cancel: threading.Event | None = None, *,
+                    generator: torch.Generator | None = None) -> Request:
+        """The core's request for a prompt under a soft prompt, a mixture, or neither,
+        with this model's tokenizer and EOS tokens. Raises `ContextOverflow` when the
+        prompt, the soft prompt and the tokens to generate do not fit the context."""
+        self.check_fits(len(prompt_ids), active, settings.max_new_tokens)
+        if active is None:
+            return Row(prompt_ids, None, settings, sink, cancel, tokenizer=self.tokenizer, eos=self.eos_ids,
+                       generator=generator)
+        return active.request(prompt_ids, settings, sink, cancel, tokenizer=self.tokenizer, eos=self.eos_ids,
+                              generator=generator)
 
     def require_transformers(self, what: str) -> None:
         """Tuning and ranking need gradients or a full forward pass: transformers only."""
-        if self.backend != "transformers":
+        if not self.runtime.trainable:
             raise ModelError(f"{what} needs the model's transformers weights (a folder with config.json); "
-                             f"'{Path(self.source).name}' is a GGUF file for llama.cpp. Use the transformers "
-                             "model it was converted from: a soft prompt made on it works on the GGUF too.")
-
-    @property
-    def device_label(self) -> str:
-        if self.backend != "transformers":
-            gpu = self.model.gpu_layers
-            return f"llama.cpp, {self.model.threads} threads" + (f", {gpu} layers on the GPU" if gpu else ", CPU")
-        if self.device_map:
-            devices = sorted({str(d) for d in self.device_map.values()})
-            return "split: " + ", ".join(devices)
-        return str(self.input_device)
+                             + self.runtime.training_refusal.format(file=Path(self.source).name))
 
     def unload(self) -> None:
         """Drop the weights and give the memory back."""
-        if self.model is not None and hasattr(self.model, "close"):
-            self.model.close()
+        if self.runtime is not None:
+            self.runtime.close()
         self.model = None
         self.tokenizer = None
         gc.collect()
@@ -130,20 +149,41 @@ class LoadedModel:
             torch.cuda.empty_cache()
 
 
+class ContextOverflow(ModelError):
+    """The prompt, the soft prompt and the tokens to generate need more than the context."""
+
+    def __init__(self, prompt: int, softprompt: int, new_tokens: int, context: int):
+        self.prompt, self.softprompt, self.new_tokens, self.context = prompt, softprompt, new_tokens, context
+        self.total = prompt + softprompt + new_tokens
+        super().__init__(f"the prompt ({prompt} tokens), soft prompt ({softprompt}) and max new tokens "
+                         f"({new_tokens}) need {self.total} tokens; the model's context is {context}.")
+
+
 def _is_local(source: str) -> bool:
     return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or "\\" in source
+
+
+def _is_gguf_source(source: str) -> bool:
+    return source.lower().endswith(".gguf") or (Path(source).expanduser().is_file() and is_gguf(source))
 
 
 def load_model(
     source: str | Path, options: LoadOptions = LoadOptions(), progress: Progress = _no_progress
 ) -> LoadedModel:
     """Load a local model folder (safetensors preferred), a Hugging Face model id, or a
-    GGUF file (llama.cpp)."""
+    GGUF file (llama.cpp): the first backend in `BACKENDS` that takes the source."""
+    source = str(source)
+    for _name, takes, load in BACKENDS:
+        if takes(source):
+            return load(source, options, progress)
+    raise ModelError(f"no backend loads '{source}'.")  # the last entry takes everything
+
+
+def load_transformers(source: str, options: LoadOptions = LoadOptions(),
+                      progress: Progress = _no_progress) -> LoadedModel:
+    """A transformers model folder or Hugging Face id, on the chosen device and precision."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = str(source)
-    if source.lower().endswith(".gguf") or (Path(source).expanduser().is_file() and is_gguf(source)):
-        return load_gguf(source, options, progress)
     if _is_local(source) and not Path(source).expanduser().is_dir():
         raise ModelError(f"no model folder at '{source}'.")
     if _is_local(source):
@@ -185,13 +225,13 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     progress("Ready", 1.0)
-    return LoadedModel(model, tokenizer, info, source, dtype, device_map,
-                       dtype_reason=reason)
+    return LoadedModel(model, tokenizer, info, source, dtype, device_map, dtype_reason=reason)
 
 
 def load_gguf(source: str | Path, options: LoadOptions = LoadOptions(), progress: Progress = _no_progress) -> LoadedModel:
     """Load a GGUF file with llama.cpp. Its name, hidden size and context length come from
     the file's metadata, so soft prompts are checked against it as for any model."""
+    from kobold_desktop.engine.llamacpp.backend import GgufBackend
     from kobold_desktop.engine.llamacpp.model import GgufModel, GgufOptions, GgufTokenizer
 
     path = Path(source).expanduser()
@@ -202,4 +242,12 @@ def load_gguf(source: str | Path, options: LoadOptions = LoadOptions(), progress
                                         gpu_layers=options.gpu_layers))
     info = ModelInfo(model.name, model.hidden_size, model.context_length, model.architecture)
     progress("Ready", 1.0)
-    return LoadedModel(model, GgufTokenizer(model), info, str(path), torch.float32)
+    return LoadedModel(model, GgufTokenizer(model), info, str(path), torch.float32, runtime=GgufBackend(model))
+
+
+# Which backend loads a source: the first whose test takes it. (The embeddings-only
+# backend for a remote vLLM is chosen by `serve --backend vllm`, not by the source.)
+BACKENDS: tuple[tuple[str, Callable[[str], bool], Callable[..., LoadedModel]], ...] = (
+    ("llama.cpp", _is_gguf_source, load_gguf),
+    ("transformers", lambda source: True, load_transformers),
+)

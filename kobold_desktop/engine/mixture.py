@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence as Seq
+from dataclasses import replace
+from typing import Any, Sequence as Seq
 
 import torch
 
@@ -38,11 +37,7 @@ from kobold_desktop.engine.sequence import (
     Sink,
     TextChunk,
 )
-from kobold_desktop.softprompt.mixture import MODES, Mixture, mixture_label
-
-if TYPE_CHECKING:
-    from kobold_desktop.engine.engine import ActiveSoftPrompt
-
+from kobold_desktop.softprompt.mixture import MODES
 
 def mix(log_weights: torch.Tensor, member_logprobs: torch.Tensor) -> torch.Tensor:
     """log sum_k pi_k p_k(token): `log_weights` [K] (normalized), `member_logprobs`
@@ -146,43 +141,3 @@ class MixedSequence(Request):
 
     def _result(self, result: GenerationResult) -> GenerationResult:
         return replace(result, mixture_weights=self.weights())
-
-
-@dataclass(frozen=True)
-class ActiveMixture:
-    """A mixture ready for the model: each member's rows prepared, weights normalized."""
-
-    mixture: Mixture
-    members: tuple["ActiveSoftPrompt", ...]
-    weights: tuple[float, ...]
-    paths: tuple[Path, ...]  # each member's file, for preparing again on another model
-    warnings: tuple[str, ...] = ()
-    key: str | None = None  # a mixture's rows are cached per member
-
-    @property
-    def mode(self) -> str:
-        return self.mixture.mode
-
-    @property
-    def name(self) -> str:
-        """What the light reads: "Mixture: Proverbs 70% + Laws of Leviticus 30%"."""
-        return mixture_label([m.name for m in self.members], self.weights)
-
-    @property
-    def member_names(self) -> tuple[str, ...]:
-        return tuple(m.name for m in self.members)
-
-    @property
-    def n_tokens(self) -> int:
-        """The longest member's rows: what the context must leave room for."""
-        return max(m.n_tokens for m in self.members)
-
-    @property
-    def sources(self) -> tuple:
-        return tuple(s for m in self.members for s in m.sources)
-
-    def request(self, prompt_ids: Seq[int], settings: SamplingSettings, sink: Sink | None = None,
-                cancel: threading.Event | None = None, *, tokenizer: Any = None, eos: set[int] = frozenset(),
-                generator: torch.Generator | None = None) -> MixedSequence:
-        return MixedSequence(prompt_ids, [(m.tensor, m.key) for m in self.members], self.weights, self.mode,
-                             settings, sink, cancel, tokenizer=tokenizer, eos=eos, generator=generator)

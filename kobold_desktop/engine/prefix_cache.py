@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-from kobold_desktop.engine import kv
+import kobold_desktop.engine.kv as kv
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 

@@ -81,6 +81,25 @@ class SamplingSettings:
         data["stop"] = list(self.stop)
         return data
 
+    def openai_fields(self) -> dict[str, Any]:
+        """These settings in the OpenAI completions API's names, with the extensions vLLM,
+        llama.cpp's server and KoboldCpp read (`top_k` -1 is off; `typical_p` only when on).
+        The repetition penalty is vLLM's: over the whole text."""
+        fields: dict[str, Any] = {
+            "max_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k if self.top_k > 0 else -1,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "stop": list(self.stop),
+        }
+        if self.typical_p < 1.0:
+            fields["typical_p"] = self.typical_p
+        if self.seed is not None:
+            fields["seed"] = self.seed
+        return fields
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SamplingSettings":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}

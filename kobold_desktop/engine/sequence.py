@@ -9,6 +9,7 @@ its events go to. Its `Continuation` is the text side: tokens in, text chunks ou
 from __future__ import annotations
 
 import abc
+import enum
 import hashlib
 import threading
 import time
@@ -16,11 +17,34 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence as Seq, Union
 
 import torch
-from transformers import StoppingCriteria
 
 from kobold_desktop.engine.detokenize import IncrementalDetokenizer, StopSequences
 from kobold_desktop.engine.errors import ModelError
 from kobold_desktop.engine.sampling import SamplingSettings, build_processors, pick_next_token
+
+
+class FinishReason(enum.StrEnum):
+    """Why a generation ended; each front end's word for it is here and nowhere else."""
+
+    LENGTH = "length"  # max new tokens
+    STOP = "stop"  # EOS or a stop sequence
+    CANCELLED = "cancelled"  # the user (or the client) stopped it
+
+    @property
+    def openai(self) -> str:
+        """OpenAI's and KoboldCpp's `finish_reason`: "length" or "stop" (a stopped request
+        ended where it was asked to)."""
+        return "length" if self is FinishReason.LENGTH else "stop"
+
+    @property
+    def vllm(self) -> str:
+        """vLLM's `CompletionOutput.finish_reason`: "length", "stop" or "abort"."""
+        return "abort" if self is FinishReason.CANCELLED else self.value
+
+    @classmethod
+    def from_server(cls, reason: str | None) -> "FinishReason":
+        """A server's finish reason (OpenAI's, KoboldCpp's, vLLM's) as ours."""
+        return cls.LENGTH if reason == "length" else cls.STOP
 
 
 @dataclass(frozen=True)
@@ -32,7 +56,7 @@ class TextChunk:
 @dataclass(frozen=True)
 class GenerationResult:
     text: str  # the continuation only, stop sequence trimmed
-    finish_reason: str  # "length", "stop" or "cancelled"
+    finish_reason: FinishReason
     prompt_tokens: int
     softprompt_tokens: int
     generated_tokens: int
@@ -59,21 +83,6 @@ class GenerationResult:
 
 StreamEvent = Union[TextChunk, GenerationResult]
 Sink = Callable[[Any], None]  # receives TextChunk, GenerationResult, or an exception
-
-
-class CancelCriteria(StoppingCriteria):
-    """Stops generation once `event` is set (from any thread). As a transformers
-    `StoppingCriteria` it also stops `model.generate`; our core reads `is_set()`, which
-    allocates nothing."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -159,7 +168,7 @@ class Continuation:
     def result(self) -> GenerationResult:
         return GenerationResult(
             text="".join(self._pieces),
-            finish_reason=self.finish_reason or "length",
+            finish_reason=FinishReason(self.finish_reason or FinishReason.LENGTH),
             prompt_tokens=self.prompt_tokens,
             softprompt_tokens=self.softprompt_tokens,
             generated_tokens=len(self.generated),
@@ -218,8 +227,6 @@ class Request(abc.ABC):
 
     def feed(self, token: int) -> bool:
         """The chosen token: its text goes to the sink. True when the request is over."""
-        if self.text is None:
-            return self.cancelled()
         for chunk in self.text.feed(token):
             self.sink(self._chunk(chunk))
         return self.text.finish_reason is not None
@@ -242,11 +249,9 @@ class Request(abc.ABC):
 
 class Sequence(Request):
     """One row in the stepping core, and a request of its own unless it is a member of
-    a mixture (then `owner` is the mixture, which picks for it).
-
-    Without a tokenizer (`text=None`) the sequence never ends by itself: the caller reads
-    token ids and stops when it likes (`generate_step`). With one, its `Continuation`
-    decides, and text chunks then the result go to `sink`.
+    a mixture (then `owner` is the mixture, which picks for it and has the text side, and
+    the row is made without a tokenizer). A request of its own has a `Continuation`: it
+    decides when the sequence ends, and text chunks then the result go to `sink`.
     """
 
     def __init__(

@@ -11,6 +11,8 @@ from typing import Annotated, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kobold_desktop.engine.sampling import SamplingSettings
+
 MAX_STOPS = 16
 
 
@@ -77,11 +79,23 @@ class Sampling(Body):
     def _check_stop(cls, value):
         return _stops(value)
 
+    def to_settings(self, max_tokens: int) -> SamplingSettings:
+        """The one translation of OpenAI's (and vLLM's) fields; raises `SettingsError`.
+        `repetition_penalty` is vLLM's: it covers the whole text, as in the Python API."""
+        return SamplingSettings(
+            max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p or 1.0,
+            top_k=max(0, self.top_k), min_p=self.min_p, typical_p=self.typical_p or 1.0,
+            repetition_penalty=self.repetition_penalty, repetition_penalty_range=0, seed=self.seed, stop=self.stop)
+
 
 class CompletionRequest(Sampling):
     model: str | None = None
     prompt: Union[str, list[str], list[Annotated[int, Field(ge=0, lt=1 << 31)]]] = ""
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] = 16
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_tokens
 
 
 class ChatMessage(Body):
@@ -94,6 +108,11 @@ class ChatCompletionRequest(Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
     max_completion_tokens: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
+
+    @property
+    def new_tokens(self) -> int:
+        """`max_tokens`, or OpenAI's newer `max_completion_tokens`; 16 as vLLM without either."""
+        return self.max_tokens or self.max_completion_tokens or 16
 
 
 class KoboldGenerateRequest(Body):
@@ -120,6 +139,16 @@ class KoboldGenerateRequest(Body):
     @classmethod
     def _check_stop(cls, value):
         return _stops(value)
+
+    def to_settings(self) -> SamplingSettings:
+        """The one translation of KoboldAI's and KoboldCpp's fields; raises `SettingsError`.
+        A negative seed is a random one, as in KoboldCpp."""
+        seed = None if self.sampler_seed is None or self.sampler_seed < 0 else self.sampler_seed
+        return SamplingSettings(
+            max_new_tokens=self.max_length, temperature=self.temperature, top_p=self.top_p or 1.0,
+            top_k=max(0, self.top_k), min_p=self.min_p, typical_p=self.typical or 1.0,
+            repetition_penalty=self.rep_pen, seed=seed, stop=self.stop_sequence + self.stopping_strings,
+            **({} if self.rep_pen_range is None else {"repetition_penalty_range": self.rep_pen_range}))
 
 
 class GenkeyRequest(Body):

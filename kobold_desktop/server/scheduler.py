@@ -14,11 +14,14 @@ import sys
 import threading
 import traceback
 from collections import deque
-from typing import Iterator, Sequence as Seq
+from typing import Callable, Iterator, Protocol, Sequence as Seq
 
-from kobold_desktop.engine import Engine, ModelError, SamplingSettings, make_request
-from kobold_desktop.engine.engine import Active
-from kobold_desktop.engine.sequence import GenerationResult, Request, StreamEvent, eos_token_ids
+from kobold_desktop.engine.active import Active
+from kobold_desktop.engine.engine import Engine
+from kobold_desktop.engine.errors import ModelError
+from kobold_desktop.engine.generate import step_or_fail
+from kobold_desktop.engine.sampling import SamplingSettings
+from kobold_desktop.engine.sequence import GenerationResult, Request, StreamEvent
 
 _DONE = object()
 
@@ -75,11 +78,27 @@ class RequestStream:
         return final
 
 
+class Scheduler(Protocol):
+    """Where the server's generation runs: the local model (`BatchScheduler`) or a vLLM
+    server (`server.vllm.VllmScheduler`). Every route goes through `submit`."""
+
+    supports_mixtures: bool  # mixtures run their members side by side: the local model only
+
+    def submit(self, prompt_ids: Seq[int], softprompt: Active | None, settings: SamplingSettings,
+               group: object = None) -> "RequestStream":
+        """Queue a request; raise a `KoboldError` at once for one that cannot run."""
+
+    def stop(self) -> None:
+        """Stop taking requests; the ones in flight end."""
+
+
 class BatchScheduler:
-    def __init__(self, engine: Engine, max_batch: int = 16):
+    supports_mixtures = True
+
+    def __init__(self, engine: Engine, max_batch: int = 16, on_step: Callable[[int], None] | None = None):
         self.engine = engine
         self.max_batch = max_batch
-        self.batch_sizes: list[int] = []  # rows in each step, for tests and benchmarks
+        self.on_step = on_step  # called with the rows in each step (tests and benchmarks watch the batches)
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="server-batches", daemon=True)
         self._thread.start()
@@ -89,9 +108,7 @@ class BatchScheduler:
         """Queue a request; raises `ModelError` at once for one that cannot run. Requests
         with the same `group` (the n copies of one client request) share its fair share."""
         stream = RequestStream(threading.Event())
-        loaded = self.engine.loaded
-        seq = make_request(softprompt, prompt_ids, settings, stream.put, stream.cancel, tokenizer=loaded.tokenizer,
-                           eos=eos_token_ids(loaded.model, loaded.tokenizer))
+        seq = self.engine.loaded.new_request(prompt_ids, softprompt, settings, stream.put, stream.cancel)
         seq.group = group if group is not None else seq
         self._queue.put(seq)
         return stream
@@ -158,12 +175,12 @@ class BatchScheduler:
                     self._admit(core, waiting)
                     if core.active:
                         worked = True
-                        self.batch_sizes.append(len(core.rows))
+                        if self.on_step is not None:
+                            self.on_step(len(core.rows))
                         try:
-                            core.step()
-                        except Exception as exc:  # noqa: BLE001 - the forward pass failed for every row in it
+                            step_or_fail(core)
+                        except Exception:  # noqa: BLE001 - every row in it heard; keep serving
                             traceback.print_exc()
-                            core.fail_all(exc)
             except Exception as exc:  # noqa: BLE001 - keep serving whatever happens
                 traceback.print_exc()
                 for seq in waiting:

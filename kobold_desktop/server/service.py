@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from kobold_desktop import __version__, paths
-from kobold_desktop.engine import ActiveMixture, Engine, SamplingSettings, SettingsError
-from kobold_desktop.engine.engine import Active
-from kobold_desktop.engine.sampling import SEED_LIMIT
+from kobold_desktop.engine.active import Active, ActiveMixture
+from kobold_desktop.engine.engine import Engine
+from kobold_desktop.engine.loader import ContextOverflow
+from kobold_desktop.engine.sampling import SEED_LIMIT, SamplingSettings, SettingsError
 from kobold_desktop.engine.sequence import GenerationResult, TextChunk
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.server import protocol as p
 from kobold_desktop.server.config import ServeConfig, ServeConfigError
-from kobold_desktop.server.scheduler import BatchScheduler, RequestStream
+from kobold_desktop.server.scheduler import BatchScheduler, RequestStream, Scheduler
 
 KOBOLD_API_VERSION = "1.2.5"
 # What KoboldCpp's /api/extra/version reports: SillyTavern and KoboldAI Lite unlock
@@ -96,9 +97,9 @@ class Service:
     """`scheduler`: where generation runs; the local model's `BatchScheduler` unless
     another is given (`server.vllm.VllmScheduler` sends it to a vLLM server)."""
 
-    def __init__(self, engine: Engine, config: ServeConfig, scheduler=None):
+    def __init__(self, engine: Engine, config: ServeConfig, scheduler: Scheduler | None = None):
         self.engine = engine
-        self.scheduler = scheduler
+        self.scheduler: Scheduler | None = scheduler
         self.config = config
         self.adapters: dict[str, Adapter] = {}
         self.kobold_softprompt: str | None = None  # KoboldAI's "current soft prompt"
@@ -148,19 +149,13 @@ class Service:
         """A soft prompt file, or a mixture file (its members are found by file name beside
         it or in the library, never by a path; each member, links resolved, must pass the
         folder rule above too)."""
-        from kobold_desktop.softprompt.library import SoftPromptLibrary
-        from kobold_desktop.softprompt.mixture import is_mixture_file, read_mixture, resolve_members
+        def allow(file: Path) -> None:
+            if not trusted and file != path and not self._allowed(file):
+                raise ApiError(403, f"mixture member '{file.name}' is outside your soft prompt folders; "
+                                    "set an admin key and send it to load it.", param="path",
+                               code="path_not_allowed")
 
-        if is_mixture_file(path):
-            mixture = read_mixture(path)
-            members = resolve_members(mixture, SoftPromptLibrary().folders)
-            for member in members:
-                if not trusted and not self._allowed(member):
-                    raise ApiError(403, f"mixture member '{member.name}' is outside your soft prompt folders; "
-                                        "set an admin key and send it to load it.", param="path",
-                                   code="path_not_allowed")
-            return self.engine.prepare_mixture(mixture, members)
-        return self.engine.prepare_softprompts([path])
+        return self.engine.prepare(path, allow=allow)
 
     def add_adapter(self, name: str, source: str, trusted: bool = False) -> Adapter:
         if not self.config.enable_prompt_adapter:
@@ -173,7 +168,7 @@ class Service:
             raise
         except KoboldError as exc:
             raise ApiError(400, str(exc), param="path") from exc
-        if isinstance(softprompt, ActiveMixture) and not getattr(self.scheduler, "supports_mixtures", True):
+        if isinstance(softprompt, ActiveMixture) and not self.scheduler.supports_mixtures:
             from kobold_desktop.server.vllm import MIXTURES_REFUSED
 
             raise ApiError(400, MIXTURES_REFUSED, param="path", code="mixture_not_supported")
@@ -271,24 +266,19 @@ class Service:
             raise ApiError(422 if param == "tokens" else 400, f"token id {bad} is not in this model's vocabulary "
                                                               f"(ids 0 to {vocab - 1}).", param=param)
 
-    def _check_length(self, ids: list[int], softprompt: Active | None, max_tokens: int) -> None:
-        context = self.engine.context_length
-        n_soft = softprompt.n_tokens if softprompt else 0
-        if len(ids) + n_soft + max_tokens > context:
-            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                                f"{len(ids) + n_soft + max_tokens} tokens ({len(ids)} in the prompt, {n_soft} in the "
-                                f"soft prompt, {max_tokens} for the completion).", param="prompt",
-                           code="context_length_exceeded")
-
-    def _settings(self, body: p.Sampling, max_tokens: int) -> SamplingSettings:
-        # OpenAI requests have no repetition-penalty range: the backend's own applies.
-        penalty_range = getattr(self.scheduler, "default_penalty_range", None)
+    def _fits(self, ids: list[int], softprompt: Active | None, max_tokens: int) -> None:
         try:
-            return SamplingSettings(
-                max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p or 1.0,
-                top_k=max(0, body.top_k), min_p=body.min_p, typical_p=body.typical_p or 1.0,
-                repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop,
-                **({} if penalty_range is None else {"repetition_penalty_range": penalty_range}))
+            self.engine.loaded.check_fits(len(ids), softprompt, max_tokens)
+        except ContextOverflow as exc:
+            raise ApiError(400, f"This model's maximum context length is {exc.context} tokens. However, you "
+                                f"requested {exc.total} tokens ({exc.prompt} in the prompt, {exc.softprompt} in the "
+                                f"soft prompt, {exc.new_tokens} for the completion).", param="prompt",
+                           code="context_length_exceeded") from exc
+
+    @staticmethod
+    def _settings(body: p.Sampling | p.KoboldGenerateRequest, *args: int) -> SamplingSettings:
+        try:
+            return body.to_settings(*args)
         except SettingsError as exc:
             raise ApiError(422, str(exc)) from exc
 
@@ -315,10 +305,6 @@ class Service:
         return streams
 
     @staticmethod
-    def _finish(reason: str) -> str:
-        return "length" if reason == "length" else "stop"
-
-    @staticmethod
     def _usage(results: list[GenerationResult]) -> dict[str, Any]:
         prompt = sum(r.prompt_tokens + r.softprompt_tokens for r in results)
         completion = sum(r.generated_tokens for r in results)
@@ -327,9 +313,9 @@ class Service:
     def completions(self, body: p.CompletionRequest) -> dict[str, Any] | EventStream:
         softprompt = self._model(body.model)
         prompts = self._prompt_ids(body.prompt)
-        settings = self._settings(body, body.max_tokens)
+        settings = self._settings(body, body.new_tokens)
         for ids in prompts:
-            self._check_length(ids, softprompt, settings.max_new_tokens)
+            self._fits(ids, softprompt, settings.max_new_tokens)
         streams = self._submit(prompts, softprompt, settings, body.n)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model or self.model_id}
@@ -341,7 +327,7 @@ class Service:
             return EventStream(self._openai_events(streams, chunk), streams)
         results = [s.result() for s in streams]
         return {**meta, "choices": [{"index": i, "text": r.text, "logprobs": None,
-                                     "finish_reason": self._finish(r.finish_reason)} for i, r in enumerate(results)],
+                                     "finish_reason": r.finish_reason.openai} for i, r in enumerate(results)],
                 "usage": self._usage(results)}
 
     def _openai_events(self, streams: list[RequestStream], render) -> Iterator[str]:
@@ -350,7 +336,7 @@ class Service:
                 if isinstance(event, TextChunk):
                     yield f"data: {render(index, event.text, None)}\n\n"
                 else:
-                    yield f"data: {render(index, '', self._finish(event.finish_reason))}\n\n"
+                    yield f"data: {render(index, '', event.finish_reason.openai)}\n\n"
         yield "data: [DONE]\n\n"
 
     def chat_completions(self, body: p.ChatCompletionRequest) -> dict[str, Any] | EventStream:
@@ -364,8 +350,8 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - a template error is the request's fault
             raise ApiError(400, f"the chat template failed: {exc}", param="messages") from exc
         ids = self._encode(text, add_special_tokens=False)
-        settings = self._settings(body, body.max_tokens or body.max_completion_tokens or 16)
-        self._check_length(ids, softprompt, settings.max_new_tokens)
+        settings = self._settings(body, body.new_tokens)
+        self._fits(ids, softprompt, settings.max_new_tokens)
         streams = self._submit([ids], softprompt, settings, body.n)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or self.model_id}
         if body.stream:
@@ -378,7 +364,7 @@ class Service:
         results = [s.result() for s in streams]
         return {**meta, "object": "chat.completion", "choices": [
             {"index": i, "message": {"role": "assistant", "content": r.text},
-             "finish_reason": self._finish(r.finish_reason)} for i, r in enumerate(results)],
+             "finish_reason": r.finish_reason.openai} for i, r in enumerate(results)],
             "usage": self._usage(results)}
 
     # -- tokens ------------------------------------------------------------------------------
@@ -430,19 +416,10 @@ class Service:
     def _kobold_start(self, body: p.KoboldGenerateRequest) -> Generation:
         name = body.soft_prompt or self.kobold_softprompt
         softprompt = self._model(name) if name else None
-        seed = None if body.sampler_seed is None or body.sampler_seed < 0 else body.sampler_seed  # -1: random
-        try:
-            settings = SamplingSettings(
-                max_new_tokens=body.max_length, temperature=body.temperature, top_p=body.top_p or 1.0,
-                top_k=max(0, body.top_k), min_p=body.min_p, typical_p=body.typical or 1.0,
-                repetition_penalty=body.rep_pen, seed=seed, stop=body.stop_sequence + body.stopping_strings,
-                **({} if body.rep_pen_range is None else {"repetition_penalty_range": body.rep_pen_range}))
-        except SettingsError as exc:
-            raise ApiError(422, str(exc)) from exc
+        settings = self._settings(body)
         memory = self._encode(body.memory) if body.memory else []
         ids = self._encode(body.prompt, add_special_tokens=not memory)
-        limit = min(body.max_context_length or self.engine.context_length, self.engine.context_length)
-        room = limit - (softprompt.n_tokens if softprompt else 0) - settings.max_new_tokens - len(memory)
+        room = self.engine.loaded.room(softprompt, settings.max_new_tokens, body.max_context_length) - len(memory)
         if room < 1:
             raise ApiError(400, "max_context_length leaves no room for the prompt after max_length, the memory "
                                 "and the soft prompt.")
@@ -464,7 +441,7 @@ class Service:
                 if isinstance(event, TextChunk):
                     generation.text.append(event.text)
                 else:
-                    return {"results": [{"text": event.text, "finish_reason": self._finish(event.finish_reason),
+                    return {"results": [{"text": event.text, "finish_reason": event.finish_reason.openai,
                                          "prompt_tokens": event.prompt_tokens + event.softprompt_tokens,
                                          "completion_tokens": event.generated_tokens}]}
         finally:
@@ -482,7 +459,7 @@ class Service:
                     generation.text.append(event.text)
                     data = {"token": event.text, "finish_reason": None}
                 else:
-                    data = {"token": "", "finish_reason": self._finish(event.finish_reason)}
+                    data = {"token": "", "finish_reason": event.finish_reason.openai}
                 yield f"event: message\ndata: {json.dumps(data)}\n\n"
 
         return EventStream(events(), generation.streams, lambda: self._kobold_end(generation), dialect="kobold")

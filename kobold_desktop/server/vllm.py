@@ -13,11 +13,13 @@ import threading
 import traceback
 from typing import Sequence as Seq
 
-from kobold_desktop.engine import ActiveMixture, Engine, ModelError, SamplingSettings
-from kobold_desktop.engine.engine import Active
+from kobold_desktop.engine.active import Active, ActiveMixture
+from kobold_desktop.engine.engine import Engine
+from kobold_desktop.engine.errors import ModelError
+from kobold_desktop.engine.sampling import SamplingSettings
 from kobold_desktop.engine.remote.http import RemoteError
 from kobold_desktop.engine.remote.vllm import VllmClient, sampling_fields
-from kobold_desktop.engine.sequence import Continuation, eos_token_ids
+from kobold_desktop.engine.sequence import Continuation, FinishReason
 from kobold_desktop.server.scheduler import RequestStream
 
 MIXTURES_REFUSED = ("soft prompt mixtures cannot be served through vLLM: it takes one row of embeddings per "
@@ -29,8 +31,6 @@ class VllmScheduler:
     """Requests sent to vLLM, each on its own thread while its events come back."""
 
     supports_mixtures = False
-    # OpenAI requests carry no repetition-penalty range: vLLM's is the whole text.
-    default_penalty_range = 0
 
     def __init__(self, engine: Engine, client: VllmClient):
         self.engine = engine
@@ -53,8 +53,7 @@ class VllmScheduler:
         loaded = self.engine.loaded
         # vLLM sends token ids; our own detokenizer and stop rules make the text, so it is
         # exactly what the local backend writes for the same tokens.
-        text = Continuation(loaded.tokenizer, ids, n_soft, settings, eos_token_ids(loaded.model, loaded.tokenizer),
-                            stream.cancel)
+        text = Continuation(loaded.tokenizer, ids, n_soft, settings, loaded.eos_ids, stream.cancel)
         threading.Thread(target=self._pump, args=(events, stream, text), name="vllm-request", daemon=True).start()
         return stream
 
@@ -76,8 +75,7 @@ class VllmScheduler:
                 if text.finish_reason:
                     break  # ours ended first (a stop sequence, cancel): vLLM sees us leave and stops
                 if choice.get("finish_reason"):
-                    reason = "length" if choice["finish_reason"] == "length" else "stop"
-                    for chunk in text.close(reason):
+                    for chunk in text.close(FinishReason.from_server(choice["finish_reason"])):
                         stream.put(chunk)
                     break
             for chunk in text.close("stop"):  # nothing when it closed above

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from kobold_desktop.softprompt import kobold_zip
+import kobold_desktop.softprompt.kobold_zip as kobold_zip
 from kobold_desktop.softprompt.errors import DestinationExistsError, SoftPromptError
 from kobold_desktop.softprompt.io import load_softprompt
 from kobold_desktop.softprompt.types import DEFAULT_LIMITS, Limits, Metadata, SoftPrompt

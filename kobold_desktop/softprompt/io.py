@@ -10,7 +10,9 @@ from typing import Callable, TypeVar
 
 import torch
 
-from kobold_desktop.softprompt import kobold_zip, mkultra, peft_dir
+import kobold_desktop.softprompt.kobold_zip as kobold_zip
+import kobold_desktop.softprompt.mkultra as mkultra
+import kobold_desktop.softprompt.peft_dir as peft_dir
 from kobold_desktop.fileio import require_regular_file
 from kobold_desktop.softprompt.errors import (
     CorruptFileError,

@@ -19,7 +19,7 @@ import zipfile_deflate64  # noqa: F401  (teaches zipfile to read Deflate64, meth
 import zipfile
 
 from kobold_desktop.fileio import atomic_write_with
-from kobold_desktop.softprompt import npy
+import kobold_desktop.softprompt.npy as npy
 from kobold_desktop.softprompt.checks import check_finite, check_shape, check_token_limit
 from kobold_desktop.softprompt.errors import (
     CorruptFileError,
@@ -229,7 +229,7 @@ def describe(path: Path, limits: Limits = DEFAULT_LIMITS) -> SoftPrompt:
     with _open(path) as zf:
         kind, prefix = layout(zf, path)
         if kind == "peft":
-            from kobold_desktop.softprompt import peft_dir
+            import kobold_desktop.softprompt.peft_dir as peft_dir
 
             return peft_dir.describe(path, limits, _peft_files(zf, prefix), prefix.rstrip("/") or path.stem)
         info = _tensor_member(zf, path, prefix)
@@ -270,7 +270,7 @@ def load(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[SoftPrompt, torch
     with _open(path) as zf:
         kind, prefix = layout(zf, path)
         if kind == "peft":
-            from kobold_desktop.softprompt import peft_dir
+            import kobold_desktop.softprompt.peft_dir as peft_dir
 
             return peft_dir.load(path, limits, _peft_files(zf, prefix), prefix.rstrip("/") or path.stem)
     softprompt = describe(path, limits)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from kobold_desktop import paths
 from kobold_desktop.fileio import publish, staged_dir, staged_file
 from kobold_desktop.settings import Settings
-from kobold_desktop.softprompt import kobold_zip, peft_dir
+import kobold_desktop.softprompt.kobold_zip as kobold_zip
+import kobold_desktop.softprompt.peft_dir as peft_dir
 from kobold_desktop.softprompt.errors import (
     writing,
     DestinationExistsError,

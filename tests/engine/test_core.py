@@ -12,8 +12,7 @@ import torch
 
 from kobold_desktop.engine import Engine, GenerationResult, ModelError, SamplingSettings, TextChunk
 from kobold_desktop.engine.core import StepCore
-from kobold_desktop.engine.generate import generate_step
-from kobold_desktop.engine.sequence import Sequence, eos_token_ids
+from kobold_desktop.engine.sequence import Sequence
 from kobold_desktop.softprompt import Metadata, kobold_zip
 
 from ..helpers import FLOAT32, greedy_reference
@@ -68,7 +67,7 @@ def alone(engine, prompt, settings, softprompt):
 def make_sequence(engine, prompt, settings, softprompt, events):
     loaded = engine.loaded
     return Sequence(engine.encode(prompt), softprompt.tensor if softprompt else None, settings, events.append,
-                    tokenizer=loaded.tokenizer, eos=eos_token_ids(loaded.model, loaded.tokenizer))
+                    tokenizer=loaded.tokenizer, eos=loaded.eos_ids)
 
 
 def run_core(engine, sequences_at_step):
@@ -223,15 +222,6 @@ def test_one_rows_failure_is_its_own(engine):
     run_core(engine, [(0, s) for s in seqs])
     assert isinstance(events[1][-1], RuntimeError)
     check_equal("gpt2", expected, [events[0], events[2]])
-
-
-def test_generate_step_yields_the_same_tokens(engine):
-    ids = engine.encode("The knight rode through the dark")
-    expected = alone(engine, ids, GREEDY.with_changes(max_new_tokens=10), None)
-    steps = generate_step(engine.loaded.model, ids, None, GREEDY)
-    tokens = [next(steps) for _ in range(expected.generated_tokens)]
-    steps.close()
-    assert tuple(tokens) == expected.token_ids
 
 
 def test_an_empty_prompt_without_bos_or_softprompt_is_refused(engine):

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from kobold_desktop.engine import Engine, ModelError, SamplingSettings, TextChunk, make_request
+from kobold_desktop.engine import Engine, ModelError, SamplingSettings, TextChunk
 from kobold_desktop.engine.llamacpp.header import gguf_info, read_metadata
 from kobold_desktop.softprompt import Metadata, SoftPromptError, kobold_zip
 
@@ -208,9 +208,8 @@ def test_requests_batched_across_soft_prompts_equal_each_alone(engines, softprom
     gguf.loaded.model.prefix_cache.clear()
     results = [[] for _ in cases]
     loaded = gguf.loaded
-    requests = [make_request(gguf.prepare_softprompts([sp]) if sp else None, gguf.encode(prompt), GREEDY,
-                             results[i].append, tokenizer=loaded.tokenizer, eos=set())
-                for i, (prompt, sp) in enumerate(cases)]
+    requests = [loaded.new_request(gguf.encode(prompt), gguf.prepare_softprompts([sp]) if sp else None, GREEDY,
+                                   results[i].append) for i, (prompt, sp) in enumerate(cases)]
     decoded = loaded.model.tokens_decoded
     gguf.run(requests, max_batch=8)
     got = [r[-1].token_ids for r in results]
@@ -293,11 +292,9 @@ def test_more_requests_than_the_cache_holds_wait_their_turn(gguf_model):
         return step(core)
 
     results = [[] for _ in prompts]
-    from kobold_desktop.engine.sequence import eos_token_ids
-
-    eos = eos_token_ids(model, engine.loaded.tokenizer)  # as `generate` stops, at llama.cpp's end tokens
-    requests = [make_request(None, engine.encode(p), settings, results[i].append, tokenizer=engine.loaded.tokenizer,
-                             eos=eos) for i, p in enumerate(prompts)]
+    # as `generate` stops, at llama.cpp's end tokens
+    requests = [engine.loaded.new_request(engine.encode(p), None, settings, results[i].append)
+                for i, p in enumerate(prompts)]
     LlamaCore.step = counting_step
     try:
         engine.run(requests, max_batch=16)

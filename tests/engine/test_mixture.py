@@ -11,7 +11,6 @@ import torch
 
 from kobold_desktop.engine import Engine, ModelError, SamplingSettings
 from kobold_desktop.engine.mixture import mix, posterior
-from kobold_desktop.engine.sequence import eos_token_ids
 from kobold_desktop.softprompt import Metadata, kobold_zip
 from kobold_desktop.softprompt.mixture import Mixture, MixtureError, MixtureMember
 
@@ -144,10 +143,8 @@ def test_a_mixture_runs_in_a_batch_beside_plain_requests(arch_engine, members):
     alone = [engine.generate(PROMPT, GREEDY, softprompt=active), engine.generate("The knight", GREEDY, softprompt=plain)]
     engine.prefix_cache.clear()
     results = [[], []]
-    eos = eos_token_ids(loaded.model, loaded.tokenizer)
-    requests = [active.request(engine.encode(PROMPT), GREEDY, results[0].append, tokenizer=loaded.tokenizer, eos=eos),
-                plain.request(engine.encode("The knight"), GREEDY, results[1].append, tokenizer=loaded.tokenizer,
-                              eos=eos)]
+    requests = [loaded.new_request(engine.encode(PROMPT), active, GREEDY, results[0].append),
+                loaded.new_request(engine.encode("The knight"), plain, GREEDY, results[1].append)]
     engine.run(requests)
     assert results[0][-1].token_ids == alone[0].token_ids
     assert results[1][-1].token_ids == alone[1].token_ids

@@ -60,12 +60,12 @@ def test_a_prompt_far_longer_than_the_context_is_refused_before_tokenizing(clien
 
 
 def test_an_error_inside_a_stream_ends_it_with_an_error_event_in_the_routes_dialect(client, server, monkeypatch):
-    service = server.service
-
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(service, "_finish", broken)  # fails when the stream's last chunk is made
+    from kobold_desktop.engine.sequence import FinishReason
+
+    monkeypatch.setattr(FinishReason, "openai", property(broken))  # fails when the stream's last chunk is made
     response = client.raw("POST", "/v1/completions", {**GREEDY, "stream": True})
     text = response.read().decode()
     assert response.status == 200
@@ -165,7 +165,8 @@ def test_a_request_with_n_16_does_not_make_a_short_one_wait_for_its_rows(server_
     from kobold_desktop.engine import SamplingSettings
     from kobold_desktop.server.scheduler import BatchScheduler
 
-    scheduler = BatchScheduler(server_engine, max_batch=16)
+    sizes: list[int] = []
+    scheduler = BatchScheduler(server_engine, max_batch=16, on_step=sizes.append)
     try:
         ids = server_engine.encode("The knight rode")
         heavy, group = [], object()
@@ -177,10 +178,10 @@ def test_a_request_with_n_16_does_not_make_a_short_one_wait_for_its_rows(server_
         result = short.result()
         assert result.generated_tokens >= 1
         heavy_results = [s.result() for s in heavy]
-        assert max(scheduler.batch_sizes) == 17  # it joined past the heavy client's 16 rows
+        assert max(sizes) == 17  # it joined past the heavy client's 16 rows
         longest = max(r.generated_tokens for r in heavy_results)
         # it finished within a few steps of joining, long before the heavy rows ended
-        assert scheduler.batch_sizes.index(17) + result.generated_tokens + 2 < len(scheduler.batch_sizes) \
+        assert sizes.index(17) + result.generated_tokens + 2 < len(sizes) \
             or longest <= result.generated_tokens + 2
     finally:
         scheduler.stop()
@@ -190,14 +191,15 @@ def test_many_separate_clients_still_share_max_batch(server_engine):
     from kobold_desktop.engine import SamplingSettings
     from kobold_desktop.server.scheduler import BatchScheduler
 
-    scheduler = BatchScheduler(server_engine, max_batch=4)
+    sizes: list[int] = []
+    scheduler = BatchScheduler(server_engine, max_batch=4, on_step=sizes.append)
     try:
         ids = server_engine.encode("The knight")
         streams = [scheduler.submit(ids, None, SamplingSettings(max_new_tokens=6, temperature=1.0, seed=i))
                    for i in range(10)]
         for stream in streams:
             stream.result()
-        assert max(scheduler.batch_sizes) <= 4  # no client holds more than half: no overflow
+        assert max(sizes) <= 4  # no client holds more than half: no overflow
     finally:
         scheduler.stop()
 

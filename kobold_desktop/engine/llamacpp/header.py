@@ -18,6 +18,16 @@ from kobold_desktop.engine.errors import ModelError
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A file that starts with the GGUF magic (or, when it cannot be read, ends in .gguf)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return path.suffix.lower() == ".gguf"
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
 
 
 def _read(f: BinaryIO, fmt: str) -> Any:

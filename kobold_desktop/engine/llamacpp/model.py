@@ -24,21 +24,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from kobold_desktop.engine.errors import ModelError
-from kobold_desktop.engine.llamacpp import cpu
+import kobold_desktop.engine.llamacpp.cpu as cpu
+from kobold_desktop.engine.llamacpp.header import is_gguf
 from kobold_desktop.engine.prefix_cache import PrefixCache
 
-GGUF_MAGIC = b"GGUF"
 EXTRA_HINT = ("GGUF models run with llama.cpp, which needs the [gguf] extra: pip install "
               "'kobold-desktop[gguf]' (it compiles llama.cpp; you need CMake and a C++ compiler).")
-
-
-def is_gguf(path: str | Path) -> bool:
-    """A file that starts with the GGUF magic (or, when it cannot be read, ends in .gguf)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        return path.suffix.lower() == ".gguf"
-    with open(path, "rb") as f:
-        return f.read(4) == GGUF_MAGIC
 
 
 def library() -> Any:
@@ -143,7 +134,6 @@ class _SeqOps:
 class GgufModel:
     """The llama.cpp model and context. Not thread-safe: the engine's lock guards it."""
 
-    backend = "llama.cpp"
 
     def __init__(self, path: str | Path, options: GgufOptions = GgufOptions()):
         lib = self.lib = library()

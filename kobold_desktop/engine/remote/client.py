@@ -15,39 +15,20 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from kobold_desktop.engine.remote.http import Endpoint, HttpClient, RemoteError
 from kobold_desktop.engine.sampling import SamplingSettings
 from kobold_desktop.engine.detokenize import StopSequences
-from kobold_desktop.engine.sequence import GenerationResult, TextChunk
+from kobold_desktop.engine.active import RemoteModel
+from kobold_desktop.engine.loader import room
+from kobold_desktop.engine.sequence import FinishReason, GenerationResult, TextChunk
 
 CHARS_PER_TOKEN = 3  # without the server's tokenizer: a safe guess (English runs near 4)
-SERVER_PREFIX = "server:"  # a server model's "path" in the window's soft prompt list
-
-
-def server_path(name: str) -> Path:
-    return Path(SERVER_PREFIX) / name
-
-
-def server_model_name(path: Path | str) -> str | None:
-    parts = Path(path).parts
-    return parts[1] if len(parts) == 2 and parts[0] == SERVER_PREFIX else None
-
-
 @dataclass(frozen=True)
 class ServerModel:
     name: str
     softprompt_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class RemoteChoice:
-    """The server model chosen as the soft prompt."""
-
-    name: str
-    n_tokens: int = 0
 
 
 @dataclass
@@ -115,7 +96,7 @@ class RemoteSession:
         self.models: list[ServerModel] = []
         self.context_length = 2048  # until the server says
         self.tokenizer: ServerTokenizer | CharTokenizer = CharTokenizer()
-        self._softprompt: RemoteChoice | None = None
+        self._softprompt: RemoteModel | None = None
         self.connected = False
 
     @property
@@ -203,17 +184,17 @@ class RemoteSession:
         return 0
 
     @property
-    def softprompt(self) -> RemoteChoice | None:
+    def softprompt(self) -> RemoteModel | None:
         return self._softprompt
 
-    def set_softprompt(self, name: str | None) -> RemoteChoice | None:
+    def set_softprompt(self, name: str | None) -> RemoteModel | None:
         if name is None:
             self._softprompt = None
             return None
         found = next((m for m in self.models if m.name == name), None)
         if found is None:
             raise RemoteError(f"the server serves no model named '{name}'.", 404)
-        self._softprompt = RemoteChoice(found.name, found.softprompt_tokens)
+        self._softprompt = RemoteModel(found.name, found.softprompt_tokens)
         return self._softprompt
 
     def unload(self) -> None:
@@ -221,9 +202,7 @@ class RemoteSession:
         self._softprompt = None
 
     def context_budget(self, settings: SamplingSettings, context_limit: int | None = None) -> int:
-        context = min(self.context_length, context_limit) if context_limit else self.context_length
-        soft = self._softprompt.n_tokens if self._softprompt else 0
-        tokens = context - settings.max_new_tokens - soft
+        tokens = room(self.context_length, self._softprompt, settings.max_new_tokens, context_limit)
         return tokens * CHARS_PER_TOKEN if self.by_chars else tokens
 
     # -- generating -------------------------------------------------------------------------
@@ -234,14 +213,14 @@ class RemoteSession:
         ids = list(prompt)
         started = time.perf_counter()
         pieces: list[str] = []
-        finish = "length"
+        finish = FinishReason.LENGTH
         first = None
         stops = StopSequences(settings.stop)  # servers trim their stop strings; this trims any they miss
         events = self._start(ids, settings)
         try:
             for text, reason in events:
                 if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
+                    finish = FinishReason.CANCELLED
                     break
                 if text:
                     first = first if first is not None else time.perf_counter() - started
@@ -250,10 +229,10 @@ class RemoteSession:
                         pieces.append(shown)
                         yield TextChunk(shown)
                     if stops.stopped:
-                        finish = "stop"
+                        finish = FinishReason.STOP
                         break
                 if reason:
-                    finish = "length" if reason == "length" else "stop"
+                    finish = FinishReason.from_server(reason)
             else:
                 rest = stops.flush()
                 if rest:
@@ -279,14 +258,7 @@ class RemoteSession:
             # Token ids when they are the server's own (ours, vLLM), else the text
             exact = isinstance(self.tokenizer, ServerTokenizer) and self.tokenizer.dialect == "openai"
             prompt: Any = ids if exact else self._prompt_text(ids)
-            body = {"model": model or self.base_model, "prompt": prompt, "stream": True,
-                    "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,
-                    "top_p": settings.top_p, "top_k": settings.top_k, "min_p": settings.min_p,
-                    "repetition_penalty": settings.repetition_penalty, "stop": list(settings.stop)}
-            if settings.typical_p < 1.0:
-                body["typical_p"] = settings.typical_p
-            if settings.seed is not None:
-                body["seed"] = settings.seed
+            body = {"model": model or self.base_model, "prompt": prompt, "stream": True, **settings.openai_fields()}
             return _openai_text(self.http.stream("/v1/completions", body))
         body = {"prompt": self._prompt_text(ids), "max_length": settings.max_new_tokens,
                 "max_context_length": self.context_length, "temperature": settings.temperature,

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kobold_desktop.engine.backend import TransformersBackend
 from kobold_desktop.engine.errors import ModelError
 from kobold_desktop.engine.loader import LoadedModel, Progress, _is_local, _no_progress
 from kobold_desktop.engine.model_info import read_model_info
@@ -156,6 +157,21 @@ class EmbeddingTable(torch.nn.Module):
         return torch.cat([soft, tokens])
 
 
+class EmbeddingsBackend(TransformersBackend):
+    """The `Backend` of a model another server runs: soft prompts are checked and turned
+    into rows here; nothing steps."""
+
+    name = "embeddings only"
+    trainable = False
+    training_refusal = "'{file}' runs on a remote server; only its input embeddings are loaded here."
+
+    def __init__(self, model: EmbeddingTable):
+        super().__init__(model, model.embed.weight.dtype)
+
+    def new_core(self, prefix_cache: Any = None) -> Any:
+        raise ModelError("this model runs on a remote server; only its input embeddings are loaded here.")
+
+
 def load_embeddings_only(source: str | Path, trust_remote_code: bool = False,
                          progress: Progress = _no_progress) -> LoadedModel:
     """The tokenizer, config and input embeddings of a model folder or Hugging Face id."""
@@ -184,8 +200,8 @@ def load_embeddings_only(source: str | Path, trust_remote_code: bool = False,
     progress("Reading the input embeddings", 0.4)
     table = read_embedding_table(folder, info.hidden_size)
     progress("Ready", 1.0)
-    return LoadedModel(EmbeddingTable(table, config, _generation_config(folder)), tokenizer, info, str(folder),
-                       table.dtype)
+    model = EmbeddingTable(table, config, _generation_config(folder))
+    return LoadedModel(model, tokenizer, info, str(folder), table.dtype, runtime=EmbeddingsBackend(model))
 
 
 def _generation_config(folder: Path) -> Any:

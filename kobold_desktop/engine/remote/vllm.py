@@ -61,17 +61,7 @@ def sampling_fields(settings: SamplingSettings, total_tokens: int) -> dict[str, 
         raise UnsupportedByBackend(
             f"vLLM applies the repetition penalty to the whole text ({total_tokens} tokens here), not to the last "
             f"{settings.repetition_penalty_range}; send rep_pen_range 0 (all tokens) or rep_pen 1 (off).")
-    fields: dict[str, Any] = {
-        "max_tokens": settings.max_new_tokens,
-        "temperature": settings.temperature,
-        "top_p": settings.top_p,
-        "top_k": settings.top_k if settings.top_k > 0 else -1,
-        "min_p": settings.min_p,
-        "repetition_penalty": settings.repetition_penalty,
-        "stop": list(settings.stop),
-    }
-    if settings.seed is not None:
-        fields["seed"] = settings.seed
+    fields = settings.openai_fields()
     return fields
 
 
