@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from kobold_desktop import __version__
@@ -47,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def window_options(args: argparse.Namespace):
+    """What `kobold-desktop [--model M] [--softprompt S] [--dtype T] ... [--screenshot PNG]`
+    asks of the window."""
+    from kobold_desktop.qt.window_state import WindowOptions
+
+    screenshot = getattr(args, "screenshot", None)
+    return WindowOptions(model=getattr(args, "model", None), softprompt=getattr(args, "softprompt", None),
+                         load=load_options(args), screenshot=Path(screenshot) if screenshot else None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         from kobold_desktop.qt.app import run_window
 
-        return run_window(args)
+        return run_window(window_options(args))
     json_mode = bool(getattr(args, "json", False))
     try:
         return args.func(args)

@@ -128,7 +128,16 @@ Choice = Union[Path, RemoteModel]
 # What `prepare` takes: a path or library name, several of them (concatenated), a mixture
 # (its members looked up by the one rule), or nothing.
 Source = Union[str, Path, Mixture, Sequence[Union[str, Path]], None]
-Allow = Callable[[Path], None]  # raises for a file the caller may not read (the server's folder rule)
+Allow = Callable[[Path], None]
+
+
+def same_choice(a: Choice | None, b: Choice | None) -> bool:
+    """The same file however its path is written (`library.same_file`), or the same server model."""
+    if isinstance(a, RemoteModel) or isinstance(b, RemoteModel):
+        return isinstance(a, RemoteModel) and isinstance(b, RemoteModel) and a.name == b.name
+    if a is None or b is None:
+        return a is None and b is None
+    return same_file(Path(a), Path(b))  # raises for a file the caller may not read (the server's folder rule)
 
 
 def prepare(loaded: "LoadedModel", source: Source, library: SoftPromptLibrary | None = None, *,
@@ -261,15 +270,9 @@ class SoftPromptStatus:
     def first(self) -> Choice | None:
         return self.chosen[0] if self.chosen else None
 
-    def shows(self, choice: Choice) -> bool:
+    def shows(self, choice: Choice | None) -> bool:
         """Whether a row of the list (a library file or a server model) is what is active."""
-        for chosen in self.chosen:
-            if isinstance(choice, RemoteModel) or isinstance(chosen, RemoteModel):
-                if isinstance(choice, RemoteModel) and isinstance(chosen, RemoteModel) and choice.name == chosen.name:
-                    return True
-            elif same_file(Path(chosen), Path(choice)):
-                return True
-        return False
+        return choice is not None and any(same_choice(chosen, choice) for chosen in self.chosen)
 
     @classmethod
     def of(cls, active: Active | RemoteModel | None) -> "SoftPromptStatus | None":

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from kobold_desktop import APP_NAME, paths
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.settings import Settings
+from kobold_desktop.engine.loader import LoadOptions
+from kobold_desktop.qt.window_state import WindowOptions
 from kobold_desktop.softprompt.library import SoftPromptLibrary
 
 SCREENSHOT_TIMEOUT_MS = 300_000
@@ -25,13 +26,6 @@ def startup_model(requested: str | None, settings: Settings) -> str | None:
     return str(demo) if (demo / "config.json").is_file() else None
 
 
-def startup_options(args: argparse.Namespace):
-    """`--dtype`, `--device` and the GGUF flags for the model loaded at start."""
-    from kobold_desktop.cli import load_options
-
-    return load_options(args)
-
-
 def startup_softprompt(requested: str | None, library: SoftPromptLibrary) -> Path | None:
     if requested:
         return library.resolve(requested)
@@ -39,7 +33,8 @@ def startup_softprompt(requested: str | None, library: SoftPromptLibrary) -> Pat
     return remembered.path if remembered else None
 
 
-def run_window(args: argparse.Namespace) -> int:
+def run_window(options: WindowOptions) -> int:
+    """The window, as the command line asked for it (`cli.window_options`)."""
     from kobold_desktop.qt.display import display_problem
 
     problem = display_problem()  # before Qt: a missing library would abort the process
@@ -65,7 +60,7 @@ def run_window(args: argparse.Namespace) -> int:
     settings = Settings()
     library = SoftPromptLibrary(settings=settings)
     try:  # before the window (and its thread) exist, so a bad name exits cleanly
-        softprompt = startup_softprompt(getattr(args, "softprompt", None), library)
+        softprompt = startup_softprompt(options.softprompt, library)
     except KoboldError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -75,9 +70,9 @@ def run_window(args: argparse.Namespace) -> int:
     if hasattr(hints, "colorSchemeChanged"):  # Qt 6.5+: the desktop switched between light and dark
         hints.colorSchemeChanged.connect(window.follow_system_scheme)
     window.show()
-    window.start_session(ask=not getattr(args, "screenshot", None))
-    model = startup_model(getattr(args, "model", None), settings)
-    screenshot = getattr(args, "screenshot", None)
+    window.start_session(ask=not options.screenshot)
+    model = startup_model(options.model, settings)
+    screenshot = options.screenshot
     outcome = {"code": 0}
 
     if screenshot:
@@ -89,7 +84,7 @@ def run_window(args: argparse.Namespace) -> int:
         if model is None:
             QTimer.singleShot(0, take_screenshot)
     if model is not None:
-        window.load_model(model, startup_options(args), softprompt=softprompt)
+        window.load_model(model, options.load or LoadOptions(), softprompt=softprompt)
     elif not screenshot:
         window.statusBar().showMessage("No model yet: choose Model ▸ Load model…")
     app.exec()

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from kobold_desktop import APP_NAME
 from kobold_desktop.engine import LoadOptions, SamplingSettings
-from kobold_desktop.engine.generate import GenerationResult
+from kobold_desktop.engine.active import Choice, RemoteModel, SoftPromptStatus
+from kobold_desktop.engine.sequence import FinishReason, GenerationResult
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.qt._qt import (
     QAction,
@@ -50,7 +51,8 @@ from kobold_desktop.qt.softprompt_panel import SoftPromptPanel, StatusLight
 from kobold_desktop.qt.story_files import StoryFiles
 from kobold_desktop.qt.story_view import StoryView
 from kobold_desktop.qt.tuning_control import TuningControl
-from kobold_desktop.qt.worker import ModelStatus, ModelWorker, SoftPromptStatus
+from kobold_desktop.qt.window_state import Job, ModelStatus, WindowState
+from kobold_desktop.qt.worker import ModelWorker
 from kobold_desktop.settings import Settings
 from kobold_desktop.softprompt import peft_dir
 from kobold_desktop.softprompt.library import SoftPromptLibrary
@@ -102,6 +104,8 @@ def _import(library: SoftPromptLibrary, candidates: list[Path], refused: list[st
 
 class MainWindow(QMainWindow):
     ready = Signal()  # nothing is loading any more (start-up is over)
+    noticed = Signal(str, str)  # (title, text) of every notice shown to the user
+    generation_done = Signal(object)  # the GenerationResult of every generation, finished or stopped
     imported = Signal()  # a drop or an import has been handled (the panel shows it)
     closed = Signal()  # the window has really closed (its jobs have ended)
 
@@ -111,26 +115,22 @@ class MainWindow(QMainWindow):
         self.library = library
         self.settings = settings
         self.session = StorySession()
-        self.busy_job: str | None = None
-        self.model_status: ModelStatus | None = None
-        self.softprompt_status: SoftPromptStatus | None = None
+        self.state = WindowState()
         self.pending_softprompt: Path | None = None
-        self.last_result: GenerationResult | None = None
-        self.notices: list[tuple[str, str]] = []
         self.importing = False
         self._boxes: list[QMessageBox] = []
         self._pending_text = ""
         self._rendering = False
         self._closing = False
         self._closed = False
-        worker.library_folders = list(library.folders)
+        worker.library = library
         self.file_jobs = JobRunner("files", self)  # the disk at length (imports), off the GUI thread
         self.file_jobs.returned.connect(self._on_imported)
         self.file_jobs.errored.connect(lambda _job, message: self.notify("Soft prompts", message, error=True))
         self.file_jobs.finished.connect(self._on_import_finished)
 
         self.files = StoryFiles(self)
-        self.server_control = ServerControl(self)
+        self.server_control = ServerControl(self, worker, library, settings, self.notify, lambda: self.model_status)
         self._build_ui()
         self.tuning = TuningControl(self)
         self._connect_worker()
@@ -163,6 +163,20 @@ class MainWindow(QMainWindow):
     @property
     def server(self):
         return self.server_control.server
+
+    # -- what the window is doing (WindowState) -------------------------------------------
+
+    @property
+    def busy_job(self) -> Job | None:
+        return self.state.job
+
+    @property
+    def model_status(self) -> ModelStatus | None:
+        return self.state.model
+
+    @property
+    def softprompt_status(self) -> SoftPromptStatus | None:
+        return self.state.softprompt
 
     # -- building ------------------------------------------------------------------------
 
@@ -400,7 +414,7 @@ class MainWindow(QMainWindow):
 
     def notify(self, title: str, text: str, error: bool = False) -> None:
         """Tell the user something in a dialog that does not block the window."""
-        self.notices.append((title, text))
+        self.noticed.emit(title, text)
         if self._closed:
             return
         box = QMessageBox(QMessageBox.Warning if error else QMessageBox.Information, title, text,
@@ -425,18 +439,17 @@ class MainWindow(QMainWindow):
 
     @property
     def generating(self) -> bool:
-        return self.busy_job == "generate"
+        return self.state.generating
 
-    def begin_job(self, job: str) -> None:
+    def begin_job(self, job: Job) -> None:
         """The window is busy from the click on (a second click cannot queue another job)."""
-        if job in ("generate", "tune", "rank"):
+        if self.state.begin(job).cancellable:
             self.worker.cancel_event.clear()
-        self.busy_job = job
         self.update_actions()
 
     def update_actions(self) -> None:
-        idle = self.busy_job is None
-        can_generate = idle and self.model_status is not None
+        idle = not self.state.busy
+        can_generate = self.state.can_generate
         session = self.session
         enabled = {
             "submit": can_generate,
@@ -508,7 +521,7 @@ class MainWindow(QMainWindow):
         self.start_generation()
 
     def undo(self) -> None:
-        if self.busy_job is not None:
+        if self.state.busy:
             return
         self.sync_story()
         if self.session.undo():
@@ -516,7 +529,7 @@ class MainWindow(QMainWindow):
             self.files.autosave_timer.start()
 
     def redo(self) -> None:
-        if self.busy_job is not None:
+        if self.state.busy:
             return
         self.sync_story()
         if self.session.redo():
@@ -530,7 +543,7 @@ class MainWindow(QMainWindow):
         if self.model_status is None:
             self.notify("No model", "Load a model first (Model ▸ Load model…).", error=True)
             return
-        if self.busy_job is not None:
+        if self.state.busy:
             return
         try:
             settings = self.sampler_panel.settings()
@@ -538,7 +551,7 @@ class MainWindow(QMainWindow):
             self.notify("Settings", str(exc), error=True)
             return
         turn = self.session.begin_turn()
-        self.begin_job("generate")
+        self.begin_job(Job.GENERATE)
         self.worker.generate(turn.story, settings, self.sampler_panel.context_size.value())
 
     def on_chunk(self, text: str) -> None:
@@ -561,10 +574,11 @@ class MainWindow(QMainWindow):
 
     def on_generation_done(self, result: GenerationResult) -> None:
         self.flush_text()
-        self.last_result = result
+        self.generation_done.emit(result)
         if self.session.settle(result.text):  # the stream and the result always agree; be safe
             self.show_story()
-        verb = {"cancelled": "Stopped", "stop": "Done (stop sequence)", "length": "Done"}[result.finish_reason]
+        verb = {FinishReason.CANCELLED: "Stopped", FinishReason.STOP: "Done (stop sequence)",
+                FinishReason.LENGTH: "Done"}[result.finish_reason]
         self.statusBar().showMessage(
             f"{verb}: {result.generated_tokens} tokens in {result.seconds:.1f} s "
             f"({result.tokens_per_second:.1f} tokens/s)", 10000)
@@ -575,9 +589,9 @@ class MainWindow(QMainWindow):
         self.notify("Something went wrong", message, error=True)
 
     def on_started(self, job: str) -> None:
-        self.busy_job = job
-        if job in ("load", "softprompt", "unload", "connect"):
-            self.progress.setRange(0, 100 if job == "load" else 0)
+        job = self.state.begin(job)
+        if job.shows_progress:
+            self.progress.setRange(0, 100 if job is Job.LOAD else 0)
             self.progress.setValue(0)
             self.progress.show()
         self.update_actions()
@@ -588,25 +602,25 @@ class MainWindow(QMainWindow):
 
     def on_finished(self, job: str) -> None:
         if not self.worker.busy:
-            self.busy_job = None
+            self.state.finished()
             self.progress.hide()
-        if job == "generate":
+        if job == Job.GENERATE:
             self.flush_text()
             self.session.end_turn()
             self.files.save_now()
-        if job == "load":
+        if job == Job.LOAD:
             path, self.pending_softprompt = self.pending_softprompt, None
             if path is not None and self.model_status is not None:  # the soft prompt asked for at start
-                self.begin_job("softprompt")
+                self.begin_job(Job.SOFTPROMPT)
                 self.worker.set_softprompt(path)
         self.update_actions()
-        if self.busy_job is None:
+        if not self.state.busy:
             self.ready.emit()
             self._close_when_idle()
 
     def on_model_loaded(self, status: ModelStatus | None) -> None:
         """What the engine holds after a load or an unload, whether or not it went well."""
-        self.model_status = status
+        self.state.model = status
         if status is None:
             self.model_label.setText("No model loaded")
             if self.softprompt_panel.server is not None:
@@ -632,7 +646,7 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Loaded {status.name}", 5000)
 
     def on_softprompt_changed(self, status: SoftPromptStatus | None) -> None:
-        self.softprompt_status = status
+        self.state.softprompt = status
         self.softprompt_panel.set_active(status)
         self.status_light.set_status(status)
         for warning in status.warnings if status else ():
@@ -660,11 +674,11 @@ class MainWindow(QMainWindow):
         (it serves the local model, which is unloaded)."""
         if self._refuse_when_busy():
             return
-        self.begin_job("connect")
+        self.begin_job(Job.CONNECT)
         self.server_control.stop(then=lambda: self.worker.connect(url, api_key))
 
     def _refuse_when_busy(self) -> bool:
-        if self.busy_job is not None:
+        if self.state.busy:
             self.notify("Busy", "Wait until the model has finished its current job.", error=True)
             return True
         return False
@@ -673,29 +687,30 @@ class MainWindow(QMainWindow):
         if self._refuse_when_busy():
             return
         self.pending_softprompt = softprompt
-        self.begin_job("load")
+        self.begin_job(Job.LOAD)
         # The server serves the model being replaced: it stops first, off this thread.
         self.server_control.stop(then=lambda: self.worker.load_model(source, options))
 
     def unload_model(self) -> None:
         if self.model_status is None or self._refuse_when_busy():
             return
-        self.begin_job("unload")
+        self.begin_job(Job.UNLOAD)
         self.server_control.stop(then=self.worker.unload)
 
-    def choose_softprompt(self, path: Path | None) -> None:
+    def choose_softprompt(self, choice: Choice | None) -> None:
         if self.model_status is None:
             self.notify("No model", "Load a model before loading a soft prompt.", error=True)
             return
         if self._refuse_when_busy():
             return
-        try:
-            entry = self.library.find(path) if path else None
-        except KoboldError:
-            entry = None
-        self.library.remember_selection(entry)
-        self.begin_job("softprompt")
-        self.worker.set_softprompt(path)
+        if not isinstance(choice, RemoteModel):  # a server's model is not remembered
+            try:
+                entry = self.library.find(choice) if choice else None
+            except KoboldError:
+                entry = None
+            self.library.remember_selection(entry)
+        self.begin_job(Job.SOFTPROMPT)
+        self.worker.set_softprompt(choice)
 
     def show_tune_dialog(self):
         return self.tuning.show_tune_dialog()

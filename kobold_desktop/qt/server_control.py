@@ -11,9 +11,14 @@ from typing import TYPE_CHECKING, Callable
 
 from kobold_desktop.qt._qt import QObject, Signal
 from kobold_desktop.qt.jobs import JobRunner
+from kobold_desktop.qt.window_state import ModelStatus
 
 if TYPE_CHECKING:
-    from kobold_desktop.qt.main_window import MainWindow
+    from kobold_desktop.qt.worker import ModelWorker
+    from kobold_desktop.settings import Settings
+    from kobold_desktop.softprompt.library import SoftPromptLibrary
+
+Notify = Callable[..., None]  # (title, text, error=False): a notice for the user
 
 
 def _serve(engine, library, model_name: str, hidden_size: int, port: int):
@@ -43,9 +48,11 @@ def _serve(engine, library, model_name: str, hidden_size: int, port: int):
 class ServerControl(QObject):
     changed = Signal()  # started, stopped, or on its way
 
-    def __init__(self, window: "MainWindow"):
-        super().__init__(window)
-        self.window = window
+    def __init__(self, parent: QObject, worker: "ModelWorker", library: "SoftPromptLibrary", settings: "Settings",
+                 notify: Notify, model_status: Callable[[], ModelStatus | None]):
+        super().__init__(parent)
+        self.worker, self.library, self.settings = worker, library, settings
+        self.notify, self.model_status = notify, model_status
         self.server = None  # a KoboldServer while the local API is running
         self.state = "stopped"  # "starting", "running", "stopping"
         self.runner = JobRunner("server", self)
@@ -64,19 +71,17 @@ class ServerControl(QObject):
 
     def start(self, port: int | None = None) -> bool:
         """Start serving the loaded model; False (with a message) when it cannot start now."""
-        window = self.window
         if self.state != "stopped":
             return self.state in ("starting", "running")
-        status = window.model_status
+        status = self.model_status()
         if status is None or status.remote:
-            window.notify("No model", "Load a model before starting the server" + (
+            self.notify("No model", "Load a model before starting the server" + (
                 " (it serves a local model; the window writes with another server now)." if status else "."), error=True)
             return False
-        port = port if port is not None else int(window.settings.get("server.port", 2242))
+        port = port if port is not None else int(self.settings.get("server.port", 2242))
         self.state = "starting"
         self.changed.emit()
-        self.runner.submit("start", _serve, window.worker.engine, window.library, status.name, status.hidden_size,
-                           port)
+        self.runner.submit("start", _serve, self.worker.engine, self.library, status.name, status.hidden_size, port)
         return True
 
     def stop(self, then: Callable[[], None] | None = None) -> None:
@@ -97,14 +102,14 @@ class ServerControl(QObject):
         if job == "start":
             self.server, models = value
             self.state = "running"
-            self.window.notify("Server running", f"OpenAI API: {self.server.url}/v1\nKoboldAI API: "
+            self.notify("Server running", f"OpenAI API: {self.server.url}/v1\nKoboldAI API: "
                                f"{self.server.url}/api\nModels: {', '.join(models)}")
 
     def _on_errored(self, job: str, message: str) -> None:
         if job == "start":
-            self.window.notify("Cannot start the server", message, error=True)
+            self.notify("Cannot start the server", message, error=True)
         else:
-            self.window.notify("The server did not stop cleanly", message, error=True)
+            self.notify("The server did not stop cleanly", message, error=True)
 
     def _on_finished(self, job: str) -> None:
         if job == "start" and self.state == "starting":

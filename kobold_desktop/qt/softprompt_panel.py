@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kobold_desktop.engine.remote.client import server_path
+from kobold_desktop.engine.active import Choice, RemoteModel, SoftPromptStatus, same_choice
 
 from kobold_desktop.qt._qt import (
     QBrush,
@@ -26,8 +26,7 @@ from kobold_desktop.qt._qt import (
     QWidget,
     Signal,
 )
-from kobold_desktop.qt.worker import SoftPromptStatus
-from kobold_desktop.softprompt.library import LibraryEntry, SoftPromptLibrary, same_file
+from kobold_desktop.softprompt.library import LibraryEntry, SoftPromptLibrary
 
 NONE_TEXT = "[None]"
 ENTRY_ROLE = Qt.UserRole + 1
@@ -90,12 +89,19 @@ class ServerEntry:
     is_mixture: bool = False
 
     @property
-    def path(self) -> Path:
-        return server_path(self.name)
+    def choice(self) -> RemoteModel:
+        return RemoteModel(self.name, self.tokens)
+
+
+def choice_of(entry: LibraryEntry | ServerEntry | None) -> Choice | None:
+    """What loading a row asks for: its file, or the server's model."""
+    if entry is None:
+        return None
+    return entry.choice if isinstance(entry, ServerEntry) else entry.path
 
 
 class SoftPromptPanel(QWidget):
-    load_requested = Signal(object)  # a Path, or None to unload
+    load_requested = Signal(object)  # a Choice (a file or a server's model), or None to unload
     new_mixture_requested = Signal()
     learn_weights_requested = Signal()
 
@@ -104,7 +110,7 @@ class SoftPromptPanel(QWidget):
         self.library = library
         self.hidden_size: int | None = None
         self.model_name: str | None = None
-        self.active_paths: tuple[Path, ...] = ()
+        self.active_choices: tuple[Choice, ...] = ()
         self.light_status: SoftPromptStatus | None = None
         self.outside: LibraryEntry | None = None  # the active soft prompt, when it is not in a library folder
         self.server: tuple[str, list[ServerEntry]] | None = None  # (address, models) while writing with a server
@@ -167,16 +173,14 @@ class SoftPromptPanel(QWidget):
         item = self.list.currentItem()
         return item.data(ENTRY_ROLE) if item is not None else None
 
-    def item_for(self, path: Path | None) -> QListWidgetItem | None:
+    def item_for(self, choice: Choice | None) -> QListWidgetItem | None:
         for row in range(self.list.count()):
-            entry = self.list.item(row).data(ENTRY_ROLE)
-            if (entry is None and path is None) or (entry is not None and path is not None
-                                                    and same_file(entry.path, Path(path))):
+            if same_choice(choice_of(self.list.item(row).data(ENTRY_ROLE)), choice):
                 return self.list.item(row)
         return None
 
-    def select(self, path: Path | None) -> None:
-        item = self.item_for(path)
+    def select(self, choice: Choice | None) -> None:
+        item = self.item_for(choice)
         if item is not None:
             self.list.setCurrentItem(item)
 
@@ -188,7 +192,7 @@ class SoftPromptPanel(QWidget):
         self.refresh()
 
     def refresh(self) -> None:
-        keep = self.selected_entry().path if self.selected_entry() else None
+        keep = choice_of(self.selected_entry())
         entries = self.library.refresh() if self.server is None else []
         self.list.clear()
         none_item = QListWidgetItem(NONE_TEXT)
@@ -284,7 +288,7 @@ class SoftPromptPanel(QWidget):
             self.details.setText("\n".join(lines))
         ok, _ = self.fits(entry)
         self.load_button.setEnabled(ok and (entry is None or entry.valid))
-        self.unload_button.setEnabled(bool(self.active_paths))
+        self.unload_button.setEnabled(bool(self.active_choices))
 
     # -- actions ---------------------------------------------------------------------
 
@@ -293,7 +297,7 @@ class SoftPromptPanel(QWidget):
         ok, _ = self.fits(entry)
         if entry is not None and (not entry.valid or not ok):
             return
-        self.load_requested.emit(entry.path if entry else None)
+        self.load_requested.emit(choice_of(entry))
 
     def open_folder(self) -> None:
         QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.library.user_folder)))
@@ -315,13 +319,13 @@ class SoftPromptPanel(QWidget):
         """Called only when the engine has really switched."""
         self.light_status = status
         self.live_weights.hide()
-        self.active_paths = status.paths if status else ()
+        self.active_choices = status.chosen if status else ()
         self.light.set_status(status)
-        first = self.active_paths[0] if self.active_paths else None
+        first = status.first if status else None
         outside = None
         if self.server is not None:
             first = first if first is not None and self.item_for(first) is not None else None
-        elif first is not None and not any(same_file(e.path, first) for e in self.library.entries):
+        elif isinstance(first, Path) and not any(status.shows(e.path) for e in self.library.entries):
             outside = self.library.entry_for(first)  # loaded by path (--softprompt some/file.zip)
         if outside != self.outside or (outside is None and first is not None and self.item_for(first) is None):
             self.outside = outside
@@ -335,9 +339,9 @@ class SoftPromptPanel(QWidget):
         for row in range(self.list.count()):
             item = self.list.item(row)
             entry = item.data(ENTRY_ROLE)
-            marked = self.active_paths[:1] if self.light_status and self.light_status.is_mixture else self.active_paths
-            active = (any(same_file(entry.path, p) for p in marked) if entry is not None
-                      else not self.active_paths)
+            status = self.light_status
+            active = status.shows(choice_of(entry)) if status and entry is not None else (
+                entry is None and not self.active_choices)
             font = item.font()
             font.setBold(active)
             item.setFont(font)

@@ -10,16 +10,29 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from kobold_desktop import paths
 from kobold_desktop.fileio import atomic_write_bytes
 from kobold_desktop.qt._qt import QFileDialog, QMessageBox, QObject, QTimer
 from kobold_desktop.story import Story
+from kobold_desktop.story.session import StorySession
 from kobold_desktop.story.files import StoryFileError, load_story, read_story, read_world_info, save_story
 
-if TYPE_CHECKING:
-    from kobold_desktop.qt.main_window import MainWindow
+
+class StoryHost(Protocol):
+    """What story files need of the window (the `MainWindow` is one)."""
+
+    session: StorySession
+
+    def sync_story(self) -> None: ...  # take in the user's edits
+    def show_story(self) -> None: ...  # show the session's story
+    def flush_text(self) -> None: ...  # streamed text not yet in the session
+    def update_title(self) -> None: ...
+    def notify(self, title: str, text: str, error: bool = False) -> None: ...
+    def remember(self, key: str, value: str) -> None: ...  # a recent file
+    def _ask(self, box: QMessageBox) -> int: ...  # a question (tests answer in its place)
+    def statusBar(self) -> Any: ...
 
 AUTOSAVE_MS = 1500
 
@@ -38,7 +51,7 @@ def _running(pid) -> bool:
 
 
 class StoryFiles(QObject):
-    def __init__(self, window: "MainWindow"):
+    def __init__(self, window: StoryHost):
         super().__init__(window)
         self.window = window
         self.path: Path | None = None  # the story's own file; None: untitled (autosave.json)

@@ -5,19 +5,38 @@ job on the model's thread (`ModelWorker.tune` and `rank`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.qt._qt import QObject
 from kobold_desktop.qt.mixture_dialogs import LearnWeightsDialog, MixtureDialog
+from kobold_desktop.qt.softprompt_panel import SoftPromptPanel
 from kobold_desktop.qt.tune_dialog import TuneDialog, TuneRequest
+from kobold_desktop.qt.window_state import Job, WindowState
+from kobold_desktop.qt.worker import ModelWorker
+from kobold_desktop.softprompt.library import SoftPromptLibrary
+from kobold_desktop.story import Story
 
-if TYPE_CHECKING:
-    from kobold_desktop.qt.main_window import MainWindow
+
+class TuningHost(Protocol):
+    """What creating soft prompts needs of the window (the `MainWindow` is one)."""
+
+    state: WindowState
+    worker: ModelWorker
+    library: SoftPromptLibrary
+    softprompt_panel: SoftPromptPanel
+    tabs: Any  # the side tabs: the panel is shown when a soft prompt is made
+    story: Story
+
+    def begin_job(self, job: Job) -> None: ...
+    def sync_story(self) -> None: ...
+    def stop(self) -> None: ...
+    def notify(self, title: str, text: str, error: bool = False) -> None: ...
+    def statusBar(self) -> Any: ...
 
 
 class TuningControl(QObject):
-    def __init__(self, window: "MainWindow"):
+    def __init__(self, window: TuningHost):
         super().__init__(window)
         self.window = window
         self.tune_dialog: TuneDialog | None = None
@@ -48,11 +67,11 @@ class TuningControl(QObject):
 
     def start_tuning(self, request: TuneRequest) -> None:
         window = self.window
-        if window.model_status is None or window.busy_job is not None:
-            message = "Load a model first." if window.model_status is None else "Wait until the model is free."
+        if window.state.model is None or window.state.busy:
+            message = "Load a model first." if window.state.model is None else "Wait until the model is free."
             self.tune_dialog.finish(message)
             return
-        window.begin_job("tune")
+        window.begin_job(Job.TUNE)
         window.worker.tune(request)
 
     def on_tune_progress(self, progress) -> None:
@@ -111,7 +130,7 @@ class TuningControl(QObject):
     def show_learn_dialog(self) -> LearnWeightsDialog | None:
         window = self.window
         entries = window.softprompt_panel.softprompt_entries()
-        if window.model_status is None or not entries:
+        if window.state.model is None or not entries:
             window.notify("Learn weights", "Load a model and add soft prompts that fit it first.", error=True)
             return None
         window.sync_story()
@@ -126,11 +145,11 @@ class TuningControl(QObject):
 
     def start_ranking(self, request) -> None:
         window = self.window
-        if window.model_status is None or window.busy_job is not None:
-            self.learn_dialog.finish("Load a model first." if window.model_status is None
+        if window.state.model is None or window.state.busy:
+            self.learn_dialog.finish("Load a model first." if window.state.model is None
                                      else "Wait until the model is free.")
             return
-        window.begin_job("rank")
+        window.begin_job(Job.RANK)
         window.worker.rank(request)
 
     def on_rank_progress(self, fraction: float, what: str) -> None:

@@ -14,39 +14,17 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from kobold_desktop.engine import ActiveMixture, Engine, LoadOptions, SamplingSettings
-from kobold_desktop.engine.generate import GenerationResult
-from kobold_desktop.engine.remote.client import server_model_name, server_path
+from kobold_desktop.engine.active import Choice, RemoteModel, SoftPromptStatus
+from kobold_desktop.engine.backend import Writer
+from kobold_desktop.engine.engine import Engine
+from kobold_desktop.engine.loader import LoadOptions
+from kobold_desktop.engine.sampling import SamplingSettings
+from kobold_desktop.engine.sequence import FinishReason, GenerationResult
 from kobold_desktop.qt._qt import QObject, Signal
 from kobold_desktop.qt.jobs import JobRunner
-from kobold_desktop.softprompt.mixture import is_mixture_file, read_mixture, resolve_members
+from kobold_desktop.qt.window_state import Job, ModelStatus
+from kobold_desktop.softprompt.library import SoftPromptLibrary
 from kobold_desktop.story import Story, build_context
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    name: str
-    source: str
-    device: str
-    dtype: str
-    context_length: int
-    hidden_size: int
-    remote: bool = False  # a server writes (Model ▸ Connect to server…), not a local model
-
-
-@dataclass(frozen=True)
-class SoftPromptStatus:
-    name: str
-    n_tokens: int
-    paths: tuple[Path, ...]  # a mixture's file first, then its members'
-    warnings: tuple[str, ...]
-    members: tuple[str, ...] = ()  # a mixture's member names
-    weights: tuple[float, ...] = ()  # and their weights
-    mode: str | None = None  # "bayes" or "fixed" for a mixture
-
-    @property
-    def is_mixture(self) -> bool:
-        return self.mode is not None
 
 
 @dataclass(frozen=True)
@@ -79,7 +57,7 @@ class ModelWorker(QObject):
         self.engine = engine or Engine()
         self.remote = None  # a RemoteSession while the window writes with a server
         self.cancel_event = threading.Event()
-        self.library_folders: list[Path] = []  # where a mixture's members are looked for (after its own folder)
+        self.library: SoftPromptLibrary | None = None  # names and a mixture's members are looked up here
         self.runner = JobRunner("model", self)
         self.runner.started.connect(self.started)
         self.runner.errored.connect(lambda _job, message: self.errored.emit(message))
@@ -90,7 +68,7 @@ class ModelWorker(QObject):
         return self.runner.busy
 
     @property
-    def active(self):
+    def active(self) -> Writer:
         """What writes: the connected server, else the local engine."""
         return self.remote if self.remote is not None else self.engine
 
@@ -108,20 +86,10 @@ class ModelWorker(QObject):
         self.softprompt_changed.emit(self._softprompt_status())
 
     def _softprompt_status(self) -> SoftPromptStatus | None:
-        if not self.active.is_loaded:
-            return None
-        active = self.active.softprompt
-        if active is None:
-            return None
-        if self.remote is not None:
-            return SoftPromptStatus(active.name, active.n_tokens, (server_path(active.name),), ())
-        if isinstance(active, ActiveMixture):
-            return SoftPromptStatus(active.name, active.n_tokens, (active.mixture.path, *active.paths), active.warnings,
-                                    active.member_names, active.weights, active.mode)
-        return SoftPromptStatus(active.name, active.n_tokens, tuple(s.path for s in active.sources), active.warnings)
+        return SoftPromptStatus.of(self.active.softprompt) if self.active.is_loaded else None
 
-    def _run(self, job: str, work) -> None:
-        self.runner.submit(job, work)
+    def _run(self, job: Job, work) -> None:
+        self.runner.submit(job.value, work)
 
     def load_model(self, source: str, options: LoadOptions = LoadOptions()) -> None:
         def work():
@@ -136,7 +104,7 @@ class ModelWorker(QObject):
             # whichever thread ran it held every other thread, the GUI's included.
             gc.freeze()
 
-        self._run("load", work)
+        self._run(Job.LOAD, work)
 
     def connect(self, url: str, api_key: str | None = None) -> None:
         """Write with a remote server instead of a local model (which is unloaded: its
@@ -151,7 +119,7 @@ class ModelWorker(QObject):
             self.remote = session
             self._report_state()
 
-        self._run("connect", work)
+        self._run(Job.CONNECT, work)
 
     def unload(self) -> None:
         def work():
@@ -163,22 +131,20 @@ class ModelWorker(QObject):
             self.engine.unload()  # waits for the engine's lock (a server request may hold it)
             self._report_state()
 
-        self._run("unload", work)
+        self._run(Job.UNLOAD, work)
 
-    def set_softprompt(self, path: Path | None) -> None:
+    def set_softprompt(self, choice: Choice | None) -> None:
+        """A soft prompt or mixture file of the library, one of a server's models, or none."""
         def work():
             try:
                 if self.remote is not None:
-                    self.remote.set_softprompt(None if path is None else server_model_name(path))
-                elif path is not None and is_mixture_file(Path(path)):
-                    mixture = read_mixture(path)
-                    self.engine.set_mixture(mixture, resolve_members(mixture, self.library_folders))
+                    self.remote.set_softprompt(choice.name if isinstance(choice, RemoteModel) else None)
                 else:
-                    self.engine.set_softprompt(path)
+                    self.engine.set_softprompt(choice, self.library)
             finally:  # a refused soft prompt leaves the previous one active: the light says which
                 self.softprompt_changed.emit(self._softprompt_status())
 
-        self._run("softprompt", work)
+        self._run(Job.SOFTPROMPT, work)
 
     def generate(self, story: Story, settings: SamplingSettings, context_limit: int) -> None:
         def work():
@@ -194,9 +160,9 @@ class ModelWorker(QObject):
                     if event.weights is not None:
                         self.mixture_weights.emit(event.weights)
             if result is not None:
-                (self.cancelled if result.finish_reason == "cancelled" else self.generated).emit(result)
+                (self.cancelled if result.finish_reason is FinishReason.CANCELLED else self.generated).emit(result)
 
-        self._run("generate", work)
+        self._run(Job.GENERATE, work)
 
     def tune(self, request) -> None:
         """Train a soft prompt on the loaded model and write it into the user's folder."""
@@ -232,7 +198,7 @@ class ModelWorker(QObject):
             checkpoint.unlink(missing_ok=True)
             self.tuned.emit(path, result)
 
-        self._run("tune", work)
+        self._run(Job.TUNE, work)
 
     def _tune_mixture(self, request, blocks, stem: str) -> None:
         """K soft prompts and their weights, trained together; K zips and a mixture file."""
@@ -282,4 +248,4 @@ class ModelWorker(QObject):
                     return
             self.ranked.emit(ranking)
 
-        self._run("rank", work)
+        self._run(Job.RANK, work)

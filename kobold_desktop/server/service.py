@@ -168,7 +168,9 @@ class Service:
             raise
         except KoboldError as exc:
             raise ApiError(400, str(exc), param="path") from exc
-        if isinstance(softprompt, ActiveMixture) and not self.scheduler.supports_mixtures:
+        # (the local scheduler starts after the adapters given at start are prepared)
+        scheduler = self.scheduler if self.scheduler is not None else BatchScheduler
+        if isinstance(softprompt, ActiveMixture) and not scheduler.supports_mixtures:
             from kobold_desktop.server.vllm import MIXTURES_REFUSED
 
             raise ApiError(400, MIXTURES_REFUSED, param="path", code="mixture_not_supported")

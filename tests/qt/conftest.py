@@ -12,6 +12,11 @@ def make_window(qtbot, settings=None):
     settings = settings or Settings()
     library = SoftPromptLibrary(settings=settings, extra_folders=[])
     window = MainWindow(ModelWorker(), library, settings)
+    # What the tests read, recorded through the window's hooks.
+    window.notices = []
+    window.noticed.connect(lambda title, text: window.notices.append((title, text)))
+    window.last_result = None
+    window.generation_done.connect(lambda result: setattr(window, "last_result", result))
     qtbot.addWidget(window)
     window.show()
     return window

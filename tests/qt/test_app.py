@@ -67,9 +67,9 @@ def test_first_start_uses_the_demo_model(tmp_path, monkeypatch):
 
 
 def test_dtype_and_device_reach_the_window_load(tmp_path):
-    from kobold_desktop.cli import build_parser
-    from kobold_desktop.qt.app import startup_options
+    from kobold_desktop.cli import build_parser, window_options
 
     args = build_parser().parse_args(["--model", "m", "--dtype", "bfloat16", "--device", "cpu"])
-    assert startup_options(args) == LoadOptions(device="cpu", dtype="bfloat16")
-    assert startup_options(build_parser().parse_args([])) == LoadOptions()
+    assert window_options(args).load == LoadOptions(device="cpu", dtype="bfloat16")
+    assert window_options(args).model == "m"
+    assert window_options(build_parser().parse_args([])).load == LoadOptions()
