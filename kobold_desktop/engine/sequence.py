@@ -199,6 +199,7 @@ class Request(abc.ABC):
         self.cancel = cancel
         self._generator = generator
         self.done = False
+        self.group: object = self  # whose fair share of a batch it counts in (the server's n copies share one)
 
     def generator_for(self, device: torch.device) -> torch.Generator | None:
         """The private generator, on the device where the draw happens (seeded runs are

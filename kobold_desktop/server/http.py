@@ -36,6 +36,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from kobold_desktop import __version__
 from kobold_desktop.server import protocol as p
+from kobold_desktop.engine.remote.http import RemoteError
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.server.scheduler import release_memory
 from kobold_desktop.server.service import ApiError, EventStream, Service
@@ -240,7 +241,7 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
 
     @app.exception_handler(KoboldError)
     async def failed(request: Request, exc: KoboldError):  # a generation failed after it started
-        status = getattr(exc, "status", 400)
+        status = exc.status
         return _error(status, str(exc), kind="server_error" if status >= 500 else "invalid_request_error")
 
     @app.exception_handler(RequestValidationError)
@@ -273,7 +274,9 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
                         if isinstance(exc, ApiError):
                             error = exc
                         elif isinstance(exc, KoboldError):
-                            error = ApiError(getattr(exc, "status", 500), str(exc), "server_error")
+                            # after the start, our own failures are the server's; a remote backend's keep theirs
+                            error = ApiError(exc.status if isinstance(exc, RemoteError) else 500, str(exc),
+                                             "server_error")
                         else:
                             traceback.print_exception(exc)
                             error = ApiError(500, f"internal error: {type(exc).__name__}", "server_error")

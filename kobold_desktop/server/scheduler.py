@@ -109,7 +109,8 @@ class BatchScheduler:
         with the same `group` (the n copies of one client request) share its fair share."""
         stream = RequestStream(threading.Event())
         seq = self.engine.loaded.new_request(prompt_ids, softprompt, settings, stream.put, stream.cancel)
-        seq.group = group if group is not None else seq
+        if group is not None:
+            seq.group = group
         self._queue.put(seq)
         return stream
 
@@ -123,15 +124,15 @@ class BatchScheduler:
             return
         held: dict[object, int] = {}
         for seq in core.rows:
-            group = getattr(seq.owner, "group", seq.owner)
+            group = seq.owner.group
             held[group] = held.get(group, 0) + 1
         if max(held.values()) <= self.max_batch // 2:
             return
-        newcomers = deque(r for r in waiting if getattr(r, "group", r) not in held)
+        newcomers = deque(r for r in waiting if r.group not in held)
         if newcomers:
             core.admit(newcomers, self.max_batch + self.max_batch // 2)
             left = set(map(id, newcomers))
-            kept = [r for r in waiting if getattr(r, "group", r) in held or id(r) in left]
+            kept = [r for r in waiting if r.group in held or id(r) in left]
             waiting.clear()
             waiting.extend(kept)
 

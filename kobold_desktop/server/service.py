@@ -301,7 +301,7 @@ class Service:
                     for stream in streams:
                         stream.cancel.set()
                     # A remote backend's refusal keeps its 4xx; one that cannot be reached is a 502.
-                    status = getattr(exc, "status", 400)
+                    status = exc.status
                     raise ApiError(status, str(exc), kind="server_error" if status >= 500 else
                                    "invalid_request_error") from exc
         return streams

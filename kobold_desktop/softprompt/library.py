@@ -34,7 +34,7 @@ from kobold_desktop.softprompt.io import (
     load_softprompt,
     metadata_of,
 )
-from kobold_desktop.softprompt.mixture import Mixture, is_mixture_file, read_mixture
+from kobold_desktop.softprompt.mixture import Mixture, is_mixture_file, read_mixture, resolve_member
 from kobold_desktop.softprompt.types import DEFAULT_LIMITS, Limits, SoftPrompt, SoftPromptFormat
 
 if TYPE_CHECKING:
@@ -240,19 +240,19 @@ class SoftPromptLibrary:
         return self.entries
 
     def _with_members(self, entry: LibraryEntry, by_path: dict[Path, LibraryEntry]) -> LibraryEntry:
-        """A mixture's members, looked for beside it first, then in every library folder."""
+        """A mixture's members, found by the loaders' rule (`mixture.resolve_member`):
+        beside it first, then in every library folder. The file the loader would read is
+        the one shown; None when it is missing or unreadable."""
         if entry.mixture is None:
             return entry
-        found = []
+        members = []
         for member in entry.mixture.members:
-            match = None
-            for folder in [entry.path.parent, *self.folders]:
-                candidate = by_path.get(folder / member.softprompt)
-                if candidate is not None and candidate.softprompt is not None:
-                    match = candidate
-                    break
-            found.append(match)
-        return replace(entry, members=tuple(found))
+            try:
+                found = by_path.get(resolve_member(entry.mixture, member, self.folders))
+            except SoftPromptError:  # missing, or a link out of the folders
+                found = None
+            members.append(found if found is not None and found.softprompt is not None else None)
+        return replace(entry, members=tuple(members))
 
     refresh = scan
 
@@ -265,15 +265,19 @@ class SoftPromptLibrary:
             return path
         return self.find(name_or_path).path
 
+    def _lookup(self, path: Path) -> LibraryEntry | None:
+        """The scanned entry of a file: the one matching rule (`same_file`) every lookup uses."""
+        if not self._entries:
+            self.scan()
+        return next((entry for entry in self._entries if same_file(entry.path, path)), None)
+
     def entry_for(self, path: Path | str) -> LibraryEntry:
         """The library's entry for a file, or (for a file outside the library folders) an
         entry described the same way, read-only."""
         path = Path(path)
-        if not self._entries:
-            self.scan()
-        for entry in self._entries:
-            if same_file(entry.path, path):
-                return entry
+        entry = self._lookup(path)
+        if entry is not None:
+            return entry
         try:
             if is_mixture_file(path):
                 entry = LibraryEntry(path, path.parent, False, mixture=read_mixture(path))
@@ -284,12 +288,12 @@ class SoftPromptLibrary:
 
     def find(self, name_or_path: str | Path) -> LibraryEntry:
         """A soft prompt by path, by name, or by file name (case-insensitive)."""
+        candidate = Path(name_or_path)
+        entry = self._lookup(candidate) if candidate.exists() else None
+        if entry is not None:
+            return entry
         if not self._entries:
             self.scan()
-        candidate = Path(name_or_path)
-        for entry in self._entries:
-            if candidate.exists() and entry.path.resolve() == candidate.resolve():
-                return entry
         wanted = str(name_or_path).casefold()
         for key in (
             lambda e: e.name.casefold(),
@@ -320,10 +324,10 @@ class SoftPromptLibrary:
 
     def _entry_for(self, path: Path) -> LibraryEntry:
         self.scan()
-        for entry in self._entries:
-            if entry.path == path:
-                return entry
-        raise NotFoundError("vanished right after it was written.", path)
+        entry = self._lookup(path)
+        if entry is None:
+            raise NotFoundError("vanished right after it was written.", path)
+        return entry
 
     def import_path(self, source: Path | str) -> LibraryEntry:
         """Validate `source` fully, then copy it into the user's folder.
@@ -405,7 +409,7 @@ class SoftPromptLibrary:
             publish(entry.path, dest, overwrite=False)
         except FileExistsError as exc:
             raise DestinationExistsError("already exists; choose another name.", dest) from exc
-        if self._selected_path() == entry.path:
+        if self._selected_path() is not None and same_file(self._selected_path(), entry.path):
             self._store_selection(dest)
         return self._entry_for(dest)
 
@@ -416,7 +420,7 @@ class SoftPromptLibrary:
             shutil.rmtree(entry.path)
         else:
             entry.path.unlink(missing_ok=True)
-        if self._selected_path() == entry.path:
+        if self._selected_path() is not None and same_file(self._selected_path(), entry.path):
             self._store_selection(None)
         self.scan()
 
@@ -442,11 +446,5 @@ class SoftPromptLibrary:
     def remembered_selection(self) -> LibraryEntry | None:
         """The remembered soft prompt, if it is still in the library and readable."""
         path = self._selected_path()
-        if path is None:
-            return None
-        if not self._entries:
-            self.scan()
-        for entry in self._entries:
-            if entry.path == path and entry.valid:
-                return entry
-        return None
+        entry = self._lookup(path) if path is not None else None
+        return entry if entry is not None and entry.valid else None

@@ -156,13 +156,20 @@ def write_mixture(path: Path | str, mixture: Mixture, *, overwrite: bool = False
     return path
 
 
+def member_places(mixture: Mixture, folders: Iterable[Path]) -> list[Path]:
+    """Where a mixture's members are looked for, in order: beside the mixture file, then
+    each library folder."""
+    return ([mixture.path.parent] if mixture.path is not None else []) + [Path(f) for f in folders]
+
+
 def resolve_member(mixture: Mixture, member: MixtureMember, folders: Iterable[Path]) -> Path:
-    """The file of one member: a path as given (command-line mixtures), else beside the
-    mixture file, else in the first library folder that has it."""
+    """The file of one member: a path as given (command-line mixtures), else the first of
+    `member_places` that has it. The one rule: the library's list and every loader find
+    the same file."""
     given = Path(member.softprompt).expanduser()
     if mixture.path is None and given.exists():
         return given
-    places = ([mixture.path.parent] if mixture.path is not None else []) + list(folders)
+    places = member_places(mixture, folders)
     for folder in places:
         candidate = Path(folder) / member.softprompt
         if candidate.exists():
