@@ -22,8 +22,10 @@ from kobold_desktop.softprompt.library import resolve_softprompt
 
 
 def resolve_mixture(args: argparse.Namespace):
-    """(mixture, member files) from --mixture FILE_OR_NAME or --mix SP=WEIGHT..., or None."""
-    from kobold_desktop.softprompt.mixture import MixtureMember, read_mixture, resolve_members
+    """The mixture of --mixture FILE_OR_NAME (its mode changed by --mix-mode) or of
+    --mix SP=WEIGHT..., or None. Its members are found when it is prepared
+    (`engine.active.prepare`), beside its file or in the library."""
+    from kobold_desktop.softprompt.mixture import MixtureMember, read_mixture
 
     mode = getattr(args, "mix_mode", None)
     if getattr(args, "mixture", None):
@@ -41,7 +43,7 @@ def resolve_mixture(args: argparse.Namespace):
             from dataclasses import replace
 
             mixture = replace(mixture, mode=mode)
-        return mixture, resolve_members(mixture, library.folders)
+        return mixture
     if getattr(args, "mix", None):
         members = []
         for item in args.mix:
@@ -55,17 +57,16 @@ def resolve_mixture(args: argparse.Namespace):
             members.append(MixtureMember(str(resolve_softprompt(name)), value))
         from kobold_desktop.softprompt.mixture import parse_mixture
 
-        mixture = parse_mixture({"name": "command line", "mode": mode or "bayes",
-                                 "members": [{"softprompt": m.softprompt, "weight": m.weight} for m in members]},
-                                paths_allowed=True)
-        return mixture, [Path(m.softprompt) for m in mixture.members]
+        return parse_mixture({"name": "command line", "mode": mode or "bayes",
+                              "members": [{"softprompt": m.softprompt, "weight": m.weight} for m in members]},
+                             paths_allowed=True)
     if mode:
         raise UsageError("--mix-mode goes with --mixture or --mix.")
     return None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from kobold_desktop.engine import Engine, SamplingSettings
+    from kobold_desktop.engine import ActiveMixture, Engine, SamplingSettings
 
     if args.prompt_file is not None:
         try:
@@ -88,13 +89,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if args.softprompt and (args.mixture or args.mix):
         raise UsageError("--softprompt concatenates soft prompts, --mixture and --mix mix them; use one or the other.")
+    # Names are looked up before the model loads (a typo fails at once); a mixture file
+    # given as --softprompt is used as one (`engine.active.prepare`).
     files = [resolve_softprompt(s) for s in args.softprompt or ()]
-    from kobold_desktop.softprompt.mixture import is_mixture_file
-
-    if any(is_mixture_file(f) for f in files):  # a mixture file given as --softprompt: use it as one
-        if len(files) > 1:
-            raise UsageError("a mixture file cannot be concatenated with other soft prompts; give it alone.")
-        args.mixture, files = str(files[0]), []
     mixture = resolve_mixture(args)
     quiet_transformers()
     engine = Engine()
@@ -103,12 +100,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine.load(model, load_options(args, trust_remote_code=args.trust_remote_code))
     runs_on = engine.loaded.runs_on()
     say_runs_on(runs_on)
-    active = None
-    if mixture is not None:
-        active = engine.set_mixture(*mixture)
+    active = engine.set_softprompt(mixture if mixture is not None else files)
+    if isinstance(active, ActiveMixture):
         print(active.name + f" ({active.mode})", file=sys.stderr)
-    elif files:
-        active = engine.set_softprompts(files)
     for warning in active.warnings if active else ():
         print(f"warning: {warning}", file=sys.stderr)
     result = None
