@@ -154,7 +154,7 @@ class BaseCore(abc.ABC):
         """Each row has been fed its token; `logits[i]` is row i's next distribution."""
         self.tokens_run += len(rows)
         for i, seq in enumerate(rows):
-            if seq.processors:  # only the penalties read the history
+            if seq.chain is not None and seq.chain.needs_history:  # only the penalties and DRY read it
                 seq.history = torch.cat([seq.history, tokens[i : i + 1, None]], dim=1)
             seq.fed_ids.append(host_ids[i])
             seq.next_position += 1

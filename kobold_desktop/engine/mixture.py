@@ -28,7 +28,8 @@ from typing import Any, Sequence as Seq
 import torch
 
 from kobold_desktop.engine.errors import ModelError
-from kobold_desktop.engine.sampling import SamplingSettings, build_processors, pick_next_token
+from kobold_desktop.engine.sampling import SamplingSettings
+from kobold_desktop.engine.samplers import SamplerChain
 from kobold_desktop.engine.sequence import (
     Continuation,
     GenerationResult,
@@ -83,13 +84,13 @@ class MixedSequence(Request):
         scoring = mode == "bayes" and len(self.rows) > 1
         for row in self.rows:
             row.owner = self
-            row.processors = []  # members only score; the mixture's chain picks
+            row.chain = None  # members only score; the mixture's chain picks
             row.scoring = scoring
         self.prompt_ids = self.rows[0].prompt_ids
         n_soft = max(row.n_soft for row in self.rows)
         self.text = (Continuation(tokenizer, self.prompt_ids, n_soft, settings, eos, cancel)
                      if tokenizer is not None else None)
-        self.processors = build_processors(settings)
+        self.chain = SamplerChain(settings, tokenizer)
         self.history: torch.Tensor | None = None
         self.log_weights: torch.Tensor | None = None  # [K] on the model's device, normalized
         self.mixed: torch.Tensor | None = None  # [1, vocab]: the last mixed log-probabilities
@@ -120,8 +121,7 @@ class MixedSequence(Request):
             self._logprobs = torch.cat([torch.log_softmax(row.logits.float(), dim=-1) for row in self.rows])
             scores = mix(self.log_weights, self._logprobs)[None]
         self.mixed = scores
-        self._picked = pick_next_token(self.history, scores, self.processors, self.settings.greedy,
-                                       self.generator_for(scores.device))
+        self._picked = self.chain.pick(self.history, scores, self.generator_for(scores.device))
         return self._picked
 
     def feed(self, token: int) -> bool:
@@ -132,7 +132,7 @@ class MixedSequence(Request):
                     row.scores.append(observed[k : k + 1])
             if self.mode == "bayes":
                 self.log_weights = posterior(self.log_weights, observed)
-        if self.processors and self._picked is not None:
+        if self.chain.needs_history and self._picked is not None:
             self.history = torch.cat([self.history, self._picked[:, None]], dim=1)
         return super().feed(token)
 

@@ -1,25 +1,15 @@
-"""Sampler settings become a chain of small logits transforms, then one pick.
+"""How to pick each next token: `SamplingSettings`, checked when made.
 
-Each transform is a transformers `LogitsProcessor` (called with the token history and
-the next-token scores); `pick_next_token` applies the chain and samples, or takes the
-argmax when the temperature is 0, on the device where the logits are.
+The transforms themselves and their order are `samplers.py`'s (`SamplerChain`). Field
+names are ours; each route and the Python API translate their clients' names into these
+in one place (`server/protocol.py`, `llm.SamplingParams`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
-
-import torch
-from transformers import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-    TypicalLogitsWarper,
-)
 
 from kobold_desktop.errors import KoboldError
 
@@ -34,9 +24,18 @@ SEED_LIMIT = 2**64  # torch generators take 64-bit seeds
 GREEDY_BELOW = 1e-4
 
 
+# KoboldCpp's default order of the samplers (see samplers.py for the numbers).
+DEFAULT_SAMPLER_ORDER = (6, 0, 1, 3, 4, 2, 5)
+# The breakers KoboldAI Lite and SillyTavern send for DRY: a repetition never spans them.
+DEFAULT_DRY_BREAKERS = ("\n", ":", "\"", "*")
+MAX_BIASES = 1024  # logit_bias entries (OpenAI allows 300, KoboldCpp 16): plenty
+MAX_BREAKERS = 64
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How to pick each next token. The defaults suit story writing."""
+    """How to pick each next token. The defaults suit story writing; every sampler not
+    set below is off."""
 
     max_new_tokens: int = 80
     temperature: float = 0.7  # 0 = greedy
@@ -48,24 +47,83 @@ class SamplingSettings:
     repetition_penalty_range: int = 1024  # how many recent tokens are penalised; 0 = all
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
+    # KoboldCpp's and text-generation-webui's samplers (samplers.py says what each does)
+    top_a: float = 0.0  # 0 = off
+    tfs: float = 1.0  # tail-free sampling; 1 = off
+    dynatemp_range: float = 0.0  # temperature +- this, by entropy; 0 = off
+    dynatemp_exponent: float = 1.0
+    smoothing_factor: float = 0.0  # quadratic sampling; 0 = off
+    smoothing_curve: float = 1.0
+    top_n_sigma: float = 0.0  # 0 = off
+    xtc_threshold: float = 0.1
+    xtc_probability: float = 0.0  # 0 = off
+    dry_multiplier: float = 0.0  # 0 = off
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_range: int = 320  # the last tokens DRY looks at; 0 = all
+    dry_sequence_breakers: tuple[str, ...] = DEFAULT_DRY_BREAKERS
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty_slope: float = 1.0  # below 1: the older half of the window is penalised less
+    mirostat: int = 0  # 0 off, 1 or 2
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); -100 or less bans
+    banned_tokens: tuple[int, ...] = ()
+    sampler_order: tuple[int, ...] = DEFAULT_SAMPLER_ORDER
 
     def __post_init__(self) -> None:
+        finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (
+            self.temperature, self.top_p, self.min_p, self.typical_p, self.repetition_penalty, self.top_a, self.tfs,
+            self.dynatemp_range, self.dynatemp_exponent, self.smoothing_factor, self.smoothing_curve,
+            self.top_n_sigma, self.xtc_threshold, self.xtc_probability, self.dry_multiplier, self.dry_base,
+            self.presence_penalty, self.frequency_penalty, self.repetition_penalty_slope, self.mirostat_tau,
+            self.mirostat_eta))
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        object.__setattr__(self, "dry_sequence_breakers", tuple(b for b in self.dry_sequence_breakers if b))
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in dict(self.logit_bias).items()))
+        object.__setattr__(self, "banned_tokens", tuple(sorted({int(t) for t in self.banned_tokens})))
+        object.__setattr__(self, "sampler_order", tuple(int(i) for i in self.sampler_order))
         checks = [
+            (finite, "every sampler setting must be a finite number"),
             (self.max_new_tokens >= 1, "max new tokens must be at least 1"),
             (self.temperature >= 0, "temperature must be 0 (greedy) or more"),
             (self.top_k >= 0, "top-k must be 0 (off) or more"),
             (0 < self.top_p <= 1, "top-p must be above 0 and at most 1"),
-            (0 <= self.min_p < 1, "min-p must be at least 0 and below 1"),
+            (0 <= self.min_p <= 1, "min-p must be from 0 to 1"),
             (0 < self.typical_p <= 1, "typical-p must be above 0 and at most 1"),
             (self.repetition_penalty > 0, "repetition penalty must be above 0"),
             (self.repetition_penalty_range >= 0, "repetition penalty range must be 0 (all) or more"),
             (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT),
              f"the seed must be a whole number from 0 to {SEED_LIMIT - 1}"),
+            (0 <= self.top_a <= 1, "top-a must be from 0 (off) to 1"),
+            (0 < self.tfs <= 1, "tail-free sampling (tfs) must be above 0 and at most 1"),
+            (self.dynatemp_range >= 0 and self.dynatemp_exponent >= 0,
+             "dynamic temperature's range and exponent must be 0 or more"),
+            (self.smoothing_factor >= 0 and 1 <= self.smoothing_curve <= 3,
+             "the smoothing factor must be 0 (off) or more, and its curve from 1 to 3"),
+            (self.top_n_sigma >= 0, "top-n-sigma must be 0 (off) or more"),
+            (0 <= self.xtc_threshold <= 1 and 0 <= self.xtc_probability <= 1,
+             "XTC's threshold and probability must be from 0 to 1"),
+            (self.dry_multiplier >= 0 and self.dry_base >= 1 and self.dry_allowed_length >= 1 and self.dry_range >= 0,
+             "DRY needs a multiplier of 0 (off) or more, a base of 1 or more, an allowed length of 1 or more "
+             "and a range of 0 (all) or more"),
+            (len(self.dry_sequence_breakers) <= MAX_BREAKERS, f"DRY takes at most {MAX_BREAKERS} sequence breakers"),
+            (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2,
+             "presence and frequency penalties must be from -2 to 2"),
+            (0 <= self.repetition_penalty_slope <= 1, "the repetition penalty slope must be from 0 to 1"),
+            (self.mirostat in (0, 1, 2), "mirostat must be 0 (off), 1 or 2"),
+            (self.mirostat_tau >= 0 and self.mirostat_eta >= 0, "mirostat's tau and eta must be 0 or more"),
+            (len(self.logit_bias) <= MAX_BIASES and all(0 <= t < 2**31 for t, _ in self.logit_bias)
+             and all(math.isfinite(b) for _, b in self.logit_bias),
+             f"logit_bias takes at most {MAX_BIASES} token ids (0 or more) with finite biases"),
+            (all(0 <= t < 2**31 for t in self.banned_tokens), "banned token ids must be 0 or more"),
+            (set(self.sampler_order) <= set(range(7)) and len(set(self.sampler_order)) == len(self.sampler_order),
+             "sampler_order lists KoboldCpp's samplers 0-6, each at most once"),
         ]
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message + ".")
-        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
 
     @property
     def greedy(self) -> bool:
@@ -106,55 +164,3 @@ class SamplingSettings:
         if "stop" in known:
             known["stop"] = tuple(known["stop"] or ())
         return cls(**known)
-
-
-class RangedRepetitionPenalty(LogitsProcessor):
-    """KoboldAI's repetition penalty: only the last `window` tokens are penalised."""
-
-    def __init__(self, penalty: float, window: int):
-        self.penalty = penalty
-        self.window = window
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        recent = input_ids[:, -self.window :] if self.window else input_ids
-        if recent.shape[1] == 0:
-            return scores
-        picked = torch.gather(scores, 1, recent)
-        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
-        return scores.scatter(1, recent, picked)
-
-
-def build_processors(settings: SamplingSettings) -> LogitsProcessorList:
-    """The transforms in the order they apply; sampling-only ones are skipped when greedy."""
-    chain = LogitsProcessorList()
-    if settings.repetition_penalty != 1.0:
-        chain.append(RangedRepetitionPenalty(settings.repetition_penalty, settings.repetition_penalty_range))
-    if settings.greedy:
-        return chain
-    if settings.temperature != 1.0:
-        chain.append(TemperatureLogitsWarper(settings.temperature))
-    if settings.top_k:
-        chain.append(TopKLogitsWarper(settings.top_k))
-    if settings.top_p < 1.0:
-        chain.append(TopPLogitsWarper(settings.top_p))
-    if settings.typical_p < 1.0:
-        chain.append(TypicalLogitsWarper(settings.typical_p))
-    if settings.min_p > 0.0:
-        chain.append(MinPLogitsWarper(settings.min_p))
-    return chain
-
-
-def pick_next_token(
-    history: torch.LongTensor,
-    logits: torch.FloatTensor,
-    processors: LogitsProcessorList,
-    greedy: bool,
-    generator: torch.Generator | None,
-) -> torch.LongTensor:
-    """One token per row: `history` is [batch, seq] token ids, `logits` [batch, vocab]."""
-    scores = processors(history, logits.float())
-    if greedy:
-        return scores.argmax(dim=-1)
-    # The draw happens where the logits are: only the chosen id ever crosses to the host.
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

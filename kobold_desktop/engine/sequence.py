@@ -20,7 +20,8 @@ import torch
 
 from kobold_desktop.engine.detokenize import IncrementalDetokenizer, StopSequences
 from kobold_desktop.engine.errors import ModelError
-from kobold_desktop.engine.sampling import SamplingSettings, build_processors, pick_next_token
+from kobold_desktop.engine.sampling import SamplingSettings
+from kobold_desktop.engine.samplers import SamplerChain
 
 
 class FinishReason(enum.StrEnum):
@@ -279,7 +280,8 @@ class Sequence(Request):
         self.softprompt_key = softprompt_key
         self.text = (Continuation(tokenizer, self.prompt_ids, self.n_soft, settings, eos, cancel)
                      if tokenizer is not None else None)
-        self.processors = build_processors(settings)
+        # a member of a mixture gets None: the mixture's chain picks for it
+        self.chain: SamplerChain | None = SamplerChain(settings, tokenizer) if tokenizer is not None else None
         self.rows = [self]
         self.owner: Request = self  # who picks this row's tokens
         self.scoring = False  # keep each fed token's log-probability (a bayes mixture's member)
@@ -287,10 +289,9 @@ class Sequence(Request):
         self.reused = 0  # positions taken from the prefix cache
         self.fed_ids = list(self.prompt_ids)  # token ids whose keys and values are in the cache
         self.next_position = 0  # set by the core when the prompt has been run
-        self.history: torch.Tensor | None = None  # [1, n] on the model's device, for the penalties
+        self.history: torch.Tensor | None = None  # [1, n] on the model's device, for the penalties and DRY
         self.logits: torch.Tensor | None = None  # [1, vocab]: the next token's scores
 
     def pick(self) -> torch.Tensor:
         """The next token id as a [1] tensor on the logits' device."""
-        return pick_next_token(self.history, self.logits, self.processors, self.settings.greedy,
-                               self.generator_for(self.logits.device))
+        return self.chain.pick(self.history, self.logits, self.generator_for(self.logits.device))

@@ -217,7 +217,7 @@ def test_one_rows_failure_is_its_own(engine):
 
     events = [[], [], []]
     seqs = [make_sequence(engine, p, GREEDY, None, events[i]) for i, p in enumerate(PROMPTS[:3])]
-    seqs[1].processors.append(Broken())
+    seqs[1].chain.extra.append(Broken())
     expected = [alone(engine, PROMPTS[i], GREEDY, None) for i in (0, 2)]
     run_core(engine, [(0, s) for s in seqs])
     assert isinstance(events[1][-1], RuntimeError)

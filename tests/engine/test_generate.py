@@ -175,7 +175,7 @@ def test_prompt_too_long_for_the_context(engine):
         engine.generate(list(range(5, 250)), GREEDY)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(min_p=1)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(min_p=1.5)])
 def test_bad_settings_are_refused(bad):
     from kobold_desktop.engine import SettingsError
 
