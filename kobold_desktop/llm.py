@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from kobold_desktop.engine.active import Active
 from kobold_desktop.engine.engine import Engine
 from kobold_desktop.engine.loader import LoadOptions
-from kobold_desktop.engine.sampling import SEED_LIMIT, SamplingSettings
+from kobold_desktop.engine.sampling import DEFAULT_SAMPLER_ORDER, SEED_LIMIT, SamplingSettings
 from kobold_desktop.engine.sequence import GenerationResult
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.prompt_adapter.request import PromptAdapterRequest
@@ -36,27 +36,69 @@ class PromptAdapterError(KoboldError, ValueError):
 
 @dataclass
 class SamplingParams:
-    """Aphrodite's (and vLLM's) names; `top_k` of 0 or -1 is off, `temperature=0` greedy."""
+    """Aphrodite's (and vLLM's) names; `top_k` of 0 or -1 is off, `temperature=0` greedy.
+    The repetition penalty covers the whole text, as in vLLM. Samplers vLLM lacks take
+    Aphrodite's names (`top_a`, `tfs`, `dynatemp_min`/`max`, `smoothing_factor`, `xtc_*`,
+    `dry_*`, `mirostat_mode`, `custom_token_bans`, `nsigma`, `temperature_last`)."""
 
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
+    typical_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     max_tokens: int | None = 16
     stop: str | list[str] | None = None
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None
+    custom_token_bans: list[int] | None = None
+    top_a: float = 0.0
+    tfs: float = 1.0
+    dynatemp_min: float = 0.0
+    dynatemp_max: float = 0.0
+    dynatemp_exponent: float = 1.0
+    smoothing_factor: float = 0.0
+    smoothing_curve: float = 1.0
+    nsigma: float = 0.0
+    xtc_threshold: float = 0.1
+    xtc_probability: float = 0.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_range: int = 0  # Aphrodite's default: the whole text
+    dry_sequence_breakers: list[str] | None = None
+    mirostat_mode: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    temperature_last: bool = False  # vLLM and Aphrodite apply temperature first unless asked
 
     def settings(self, seed: int | None = None) -> SamplingSettings:
         if not isinstance(self.n, int) or self.n < 1:
             raise PromptAdapterError("n must be at least 1.")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        temperature, dynatemp_range = self.temperature, 0.0
+        if self.dynatemp_max > self.dynatemp_min:
+            temperature = (self.dynatemp_min + self.dynatemp_max) / 2
+            dynatemp_range = (self.dynatemp_max - self.dynatemp_min) / 2
+        order = tuple(i for i in DEFAULT_SAMPLER_ORDER if i != 5)
+        order = order + (5,) if self.temperature_last else (5,) + order
+        extra = {} if self.dry_sequence_breakers is None else {"dry_sequence_breakers": tuple(self.dry_sequence_breakers)}
         return SamplingSettings(
             max_new_tokens=self.max_tokens if self.max_tokens is not None else 16,
-            temperature=self.temperature, top_p=self.top_p, top_k=max(0, self.top_k), min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, repetition_penalty_range=0,
-            seed=self.seed if seed is None else seed, stop=tuple(stop))
+            temperature=temperature, top_p=self.top_p, top_k=max(0, self.top_k), min_p=self.min_p,
+            typical_p=self.typical_p, repetition_penalty=self.repetition_penalty, repetition_penalty_range=0,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            seed=self.seed if seed is None else seed, stop=tuple(stop),
+            logit_bias=tuple((self.logit_bias or {}).items()), banned_tokens=tuple(self.custom_token_bans or ()),
+            top_a=self.top_a, tfs=self.tfs, dynatemp_range=dynatemp_range, dynatemp_exponent=self.dynatemp_exponent,
+            smoothing_factor=self.smoothing_factor, smoothing_curve=self.smoothing_curve, top_n_sigma=self.nsigma,
+            xtc_threshold=self.xtc_threshold, xtc_probability=self.xtc_probability,
+            dry_multiplier=self.dry_multiplier, dry_base=self.dry_base, dry_allowed_length=self.dry_allowed_length,
+            dry_range=self.dry_range, mirostat=self.mirostat_mode, mirostat_tau=self.mirostat_tau,
+            mirostat_eta=self.mirostat_eta, sampler_order=order, **extra)
 
 
 @dataclass

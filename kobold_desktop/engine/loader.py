@@ -126,6 +126,7 @@ class LoadedModel:
         with this model's tokenizer and EOS tokens. Raises `ContextOverflow` when the
         prompt, the soft prompt and the tokens to generate do not fit the context."""
         self.check_fits(len(prompt_ids), active, settings.max_new_tokens)
+        settings.check_vocab(len(self.tokenizer))
         if active is None:
             return Row(prompt_ids, None, settings, sink, cancel, tokenizer=self.tokenizer, eos=self.eos_ids,
                        generator=generator)

@@ -131,6 +131,27 @@ class SamplingSettings:
         logits by it would overflow: the limit of sampling there is the argmax."""
         return self.temperature < GREEDY_BELOW
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise unless every token id the settings name (bias, bans) is in the vocabulary."""
+        for where, ids in (("logit_bias", [t for t, _ in self.logit_bias]), ("the banned tokens", self.banned_tokens)):
+            bad = next((t for t in ids if t >= vocab_size), None)
+            if bad is not None:
+                raise SettingsError(f"token id {bad} in {where} is not in this model's vocabulary "
+                                    f"(ids 0 to {vocab_size - 1}).")
+
+    def unlike_openai(self) -> list[str]:
+        """The samplers on here, with an effect, that OpenAI's API (and vLLM) has no field for."""
+        sampled = not self.greedy
+        return [name for name, on in (
+            ("typical_p", sampled and self.typical_p < 1.0), ("top_a", sampled and self.top_a > 0),
+            ("tfs", sampled and self.tfs < 1.0), ("dynatemp_range", sampled and self.dynatemp_range > 0),
+            ("smoothing_factor", sampled and self.smoothing_factor > 0), ("nsigma", sampled and self.top_n_sigma > 0),
+            ("xtc_probability", sampled and self.xtc_probability > 0 and self.xtc_threshold <= 0.5),
+            ("dry_multiplier", self.dry_multiplier > 0),
+            ("rep_pen_slope", self.repetition_penalty > 1.0 and self.repetition_penalty_slope < 1.0),
+            ("mirostat", sampled and self.mirostat > 0),
+            ("sampler_order", sampled and self.sampler_order != DEFAULT_SAMPLER_ORDER)) if on]
+
     def with_changes(self, **changes: Any) -> "SamplingSettings":
         return replace(self, **changes)
 
@@ -154,6 +175,14 @@ class SamplingSettings:
         }
         if self.typical_p < 1.0:
             fields["typical_p"] = self.typical_p
+        if self.presence_penalty:
+            fields["presence_penalty"] = self.presence_penalty
+        if self.frequency_penalty:
+            fields["frequency_penalty"] = self.frequency_penalty
+        bias = {str(t): b for t, b in self.logit_bias}
+        bias.update({str(t): -100.0 for t in self.banned_tokens})
+        if bias:
+            fields["logit_bias"] = bias
         if self.seed is not None:
             fields["seed"] = self.seed
         return fields

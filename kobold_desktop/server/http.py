@@ -294,12 +294,19 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
     # OpenAI and vLLM
     app.get("/v1/models", dependencies=deps)(service.models)
 
+    def client_of(request: Request) -> str:
+        """Who sent a request, for saying things once per client: its address and program."""
+        host = request.client.host if request.client else "?"
+        return f"{host} ({request.headers.get('user-agent', 'no user agent')[:80]})"
+
     @app.post("/v1/completions", dependencies=deps, responses={200: STREAMING})
-    def completions(body: p.CompletionRequest):
+    def completions(body: p.CompletionRequest, request: Request):
+        service.note_fields(client_of(request), "/v1/completions", body)
         return respond(service.completions(body))
 
     @app.post("/v1/chat/completions", dependencies=deps, responses={200: STREAMING})
-    def chat_completions(body: p.ChatCompletionRequest):
+    def chat_completions(body: p.ChatCompletionRequest, request: Request):
+        service.note_fields(client_of(request), "/v1/chat/completions", body)
         return respond(service.chat_completions(body))
 
     @app.post("/v1/soft_prompt/load", dependencies=deps)
@@ -325,7 +332,17 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
     app.get("/api/v1/config/soft_prompt", dependencies=deps)(service.kobold_get_softprompt)
     app.put("/api/v1/config/soft_prompt", dependencies=deps)(service.kobold_put_softprompt)
     app.get("/api/v1/config/soft_prompts_list", dependencies=deps)(service.kobold_softprompts_list)
-    app.post("/api/v1/generate", dependencies=deps)(service.kobold_generate)
+
+    @app.post("/api/v1/generate", dependencies=deps)
+    def kobold_generate(body: p.KoboldGenerateRequest, request: Request):
+        service.note_fields(client_of(request), "/api/v1/generate", body)
+        return service.kobold_generate(body)
+
+    @app.get("/api/extra/sampling", dependencies=deps)
+    def sampling():
+        """Every sampler field each route applies, the fields it accepts without applying
+        (and why), and unknown fields clients have sent."""
+        return service.sampling_report()
 
     # KoboldCpp
     app.get("/api/extra/version", dependencies=deps)(service.kobold_extra_version)
@@ -334,7 +351,8 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
     @app.post("/api/extra/generate/stream", dependencies=deps,
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                "description": "KoboldCpp's server-sent events"}})
-    def kobold_stream(body: p.KoboldGenerateRequest):
+    def kobold_stream(body: p.KoboldGenerateRequest, request: Request):
+        service.note_fields(client_of(request), "/api/extra/generate/stream", body)
         return respond(service.kobold_generate_stream(body))
 
     @app.post("/api/extra/abort", dependencies=deps)

@@ -9,6 +9,7 @@ KoboldCpp's check and abort). Errors are `ApiError`s carrying OpenAI's error sha
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -20,13 +21,14 @@ from kobold_desktop import __version__, paths
 from kobold_desktop.engine.active import Active, ActiveMixture
 from kobold_desktop.engine.engine import Engine
 from kobold_desktop.engine.loader import ContextOverflow
-from kobold_desktop.engine.sampling import SEED_LIMIT, SamplingSettings, SettingsError
+from kobold_desktop.engine.sampling import DEFAULT_SAMPLER_ORDER, SEED_LIMIT, SamplingSettings, SettingsError
 from kobold_desktop.engine.sequence import GenerationResult, TextChunk
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.server import protocol as p
 from kobold_desktop.server.config import ServeConfig, ServeConfigError
 from kobold_desktop.server.scheduler import BatchScheduler, RequestStream, Scheduler
 
+LOG = logging.getLogger("kobold_desktop.server")
 KOBOLD_API_VERSION = "1.2.5"
 # What KoboldCpp's /api/extra/version reports: SillyTavern and KoboldAI Lite unlock
 # streaming, token counting and min-p by comparing `result` and `version`.
@@ -105,6 +107,8 @@ class Service:
         self.kobold_softprompt: str | None = None  # KoboldAI's "current soft prompt"
         self.generations: dict[str, Generation] = {}  # KoboldAI generations running now, by genkey
         self._lock = threading.Lock()
+        self._noted: set[tuple[str, str]] = set()  # (client, field) already logged as not applied
+        self.unknown_seen: set[str] = set()
         self.model_id = engine.loaded.info.name
         self.start_paths: set[Path] = set()  # paths given at start may be loaded again by path
         if config.prompt_adapters and not config.enable_prompt_adapter:
@@ -277,12 +281,40 @@ class Service:
                                 f"soft prompt, {exc.new_tokens} for the completion).", param="prompt",
                            code="context_length_exceeded") from exc
 
-    @staticmethod
-    def _settings(body: p.Sampling | p.KoboldGenerateRequest, *args: int) -> SamplingSettings:
+    def _settings(self, body: p.Sampling | p.KoboldGenerateRequest, *args: int) -> SamplingSettings:
         try:
-            return body.to_settings(*args)
+            settings = body.to_settings(*args)
+            settings.check_vocab(len(self.engine.loaded.tokenizer))
         except SettingsError as exc:
             raise ApiError(422, str(exc)) from exc
+        return settings
+
+    # -- fields sent that we do not apply --------------------------------------------------------
+
+    def note_fields(self, client: str, route: str, body: p.Body) -> None:
+        """Log, once per client and field, what a body carried that we do not apply: the
+        fields of `protocol.NOT_APPLIED` (with why) and fields no route knows."""
+        unapplied = sorted(name for name in body.sent if name in p.NOT_APPLIED)
+        unknown = sorted(body.sent - type(body).known_names() - set(p.NOT_APPLIED))
+        with self._lock:
+            self.unknown_seen.update(unknown)
+            fresh = [name for name in unapplied + unknown if (client, name) not in self._noted]
+            self._noted.update((client, name) for name in fresh)
+        if fresh:
+            reasons = "; ".join(f"{name}: {p.NOT_APPLIED.get(name, 'not a field this server knows')}"
+                                for name in fresh)
+            LOG.warning("%s sent %s fields that are not applied (%s); GET /api/extra/sampling lists them.",
+                        client, route, reasons)
+
+    def sampling_report(self) -> dict[str, Any]:
+        """What each generation route applies, what it accepts without applying, and the
+        unknown fields clients have sent."""
+        routes = {"/v1/completions": p.CompletionRequest, "/v1/chat/completions": p.ChatCompletionRequest,
+                  "/api/v1/generate": p.KoboldGenerateRequest}
+        return {"applied": {route: sorted(body.known_names()) for route, body in routes.items()},
+                "not_applied": dict(sorted(p.NOT_APPLIED.items())),
+                "unknown_seen": sorted(self.unknown_seen),
+                "sampler_order_default": list(DEFAULT_SAMPLER_ORDER)}
 
     def _submit(self, prompts: list[list[int]], softprompt, settings, n: int) -> list[RequestStream]:
         """Queue every request, or none: each is checked before the first joins the batch."""

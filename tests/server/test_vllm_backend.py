@@ -188,6 +188,9 @@ def test_refusals(served, fake_vllm, adapter_files):
     assert status == 422 and "rep_pen_range" in body["error"]["message"]
     status, body = served.call("POST", "/v1/completions", {"model": "sea", "prompt": "x", "typical_p": 0.5})
     assert status == 422 and "typical" in body["error"]["message"]
+    status, body = served.call("POST", "/v1/completions", {"model": "sea", "prompt": "x", "dry_multiplier": 0.8,
+                                                           "xtc_probability": 0.5, "temperature": 1})
+    assert status == 422 and "xtc_probability, dry_multiplier" in body["error"]["message"]
     status, body = served.call("POST", "/v1/completions", {"model": "sea", "prompt": "x", "max_tokens": 4,
                                                            "seed": 424242})
     assert status == 400 and "seed 424242 is refused here" in body["error"]["message"]  # vLLM's own words
@@ -223,3 +226,13 @@ def test_vllm_unreachable_is_a_502_and_the_server_lives(model_dirs, adapter_file
         assert client.call("GET", "/api/v1/model")[1] == {"result": "gpt2"}
     finally:
         server.stop()
+
+
+def test_what_vllm_has_is_passed_on_under_its_names(served, fake_vllm):
+    status, _ = served.call("POST", "/v1/completions", {"model": "sea", "prompt": "x", "max_tokens": 4,
+                                                        "presence_penalty": 0.5, "frequency_penalty": 0.25,
+                                                        "logit_bias": {"5": 2.0}, "custom_token_bans": "7"})
+    assert status == 200
+    sent = fake_vllm.requests[-1]
+    assert sent["presence_penalty"] == 0.5 and sent["frequency_penalty"] == 0.25
+    assert sent["logit_bias"] == {"5": 2.0, "7": -100.0}

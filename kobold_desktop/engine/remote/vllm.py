@@ -54,8 +54,10 @@ def encode_embeds(rows: torch.Tensor) -> str:
 def sampling_fields(settings: SamplingSettings, total_tokens: int) -> dict[str, Any]:
     """Our sampling settings in vLLM's names. `total_tokens`: soft prompt, prompt and
     new tokens, all of which vLLM's repetition penalty covers."""
-    if settings.typical_p < 1.0:
-        raise UnsupportedByBackend("vLLM has no typical sampling; send typical_p 1 (off) to this server.")
+    missing = settings.unlike_openai()
+    if missing:
+        raise UnsupportedByBackend(f"vLLM does not apply {', '.join(missing)}; turn {'it' if len(missing) == 1 else 'them'} "
+                                   "off for this server (or serve with the local backend, which applies them all).")
     penalised = settings.repetition_penalty != 1.0
     if penalised and 0 < settings.repetition_penalty_range < total_tokens:
         raise UnsupportedByBackend(
