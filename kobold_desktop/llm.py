@@ -55,6 +55,8 @@ class SamplingParams:
     seed: int | None = None
     logit_bias: dict[int, float] | None = None
     custom_token_bans: list[int] | None = None
+    bad_words: list[str] | None = None  # vLLM's name: phrases that never reach the text (see banned_phrases)
+    banned_strings: list[str] | None = None  # Aphrodite's and SillyTavern's name for the same
     top_a: float = 0.0
     tfs: float = 1.0
     dynatemp_min: float = 0.0
@@ -93,6 +95,7 @@ class SamplingParams:
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=self.seed if seed is None else seed, stop=tuple(stop),
             logit_bias=tuple((self.logit_bias or {}).items()), banned_tokens=tuple(self.custom_token_bans or ()),
+            banned_phrases=tuple(self.bad_words or ()) + tuple(self.banned_strings or ()),
             top_a=self.top_a, tfs=self.tfs, dynatemp_range=dynatemp_range, dynatemp_exponent=self.dynatemp_exponent,
             smoothing_factor=self.smoothing_factor, smoothing_curve=self.smoothing_curve, top_n_sigma=self.nsigma,
             xtc_threshold=self.xtc_threshold, xtc_probability=self.xtc_probability,

@@ -141,12 +141,19 @@ class BaseCore(abc.ABC):
                 request.finish("cancelled")
             elif request.feed(token_of[id(request)][1]):
                 request.finish()
-        keep = [(index, seq) for index, seq in enumerate(self.rows) if not seq.owner.done]
-        self._leave([index for index, _ in keep])
+        keep = [(index, seq) for index, seq in enumerate(self.rows) if not seq.owner.done and not seq.owner.rewinding]
+        rewinding = [request for request in requests if request.rewinding]
+        self._leave([index for index, _ in keep])  # rewinding rows leave with their cache kept
         if keep:
             chosen = [token_of[id(seq.owner)] for _, seq in keep]
             self._run([seq for _, seq in keep], torch.cat([tokens[i] for i, _ in chosen]),
                       [token for _, token in chosen])
+        for request in rewinding:  # a banned phrase: start again where it began, from the cache
+            request.restart()
+            try:
+                self.add(request)
+            except Exception as exc:  # noqa: BLE001 - this request's failure is its own
+                request.fail(exc)
         return result
 
     def _advance(self, rows: list[Sequence], tokens: torch.Tensor, host_ids: list[int],

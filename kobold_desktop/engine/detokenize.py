@@ -77,3 +77,50 @@ class StopSequences:
     def flush(self) -> str:
         rest, self._pending = self._pending, ""
         return rest
+
+
+# A regular expression with no bound on its length is looked for within this many characters.
+UNBOUNDED_PHRASE_CHARS = 256
+
+
+class PhraseBans:
+    """Banned phrases, case-insensitive: plain text, or a regular expression written
+    between slashes (`/\\bsuddenly\\b/`). `search` finds the earliest match; `longest` is how
+    many characters a match can span, which is how much text must be held back."""
+
+    def __init__(self, phrases: Sequence[str]):
+        import re
+
+        parts, longest = [], 1
+        for phrase in phrases:
+            if len(phrase) > 2 and phrase.startswith("/") and phrase.endswith("/"):
+                source = phrase[1:-1]
+                width = re._parser.parse(source, re.IGNORECASE).getwidth()[1]  # type: ignore[attr-defined]
+                longest = max(longest, min(width, UNBOUNDED_PHRASE_CHARS))
+            else:
+                source = re.escape(phrase)
+                longest = max(longest, len(phrase))
+            parts.append(f"(?:{source})")
+        self.longest = longest
+        self._pattern = re.compile("|".join(parts), re.IGNORECASE) if parts else None
+
+    def __bool__(self) -> bool:
+        return self._pattern is not None
+
+    def search(self, text: str) -> int | None:
+        """Where the earliest banned phrase in `text` starts, or None."""
+        if self._pattern is None:
+            return None
+        found = self._pattern.search(text)
+        return found.start() if found else None
+
+
+def check_phrases(phrases: Sequence[str]) -> str | None:
+    """Why these banned phrases cannot be used (a bad regular expression), or None."""
+    import re
+
+    try:
+        PhraseBans(phrases)
+    except (re.error, OverflowError, RecursionError) as exc:
+        return f"a banned phrase is not a valid regular expression: {exc}"
+    return None

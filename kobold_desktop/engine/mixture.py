@@ -87,6 +87,7 @@ class MixedSequence(Request):
             row.chain = None  # members only score; the mixture's chain picks
             row.scoring = scoring
         self.prompt_ids = self.rows[0].prompt_ids
+        self.prompt_ids_at_start = list(self.prompt_ids)
         n_soft = max(row.n_soft for row in self.rows)
         self.text = (Continuation(tokenizer, self.prompt_ids, n_soft, settings, eos, cancel)
                      if tokenizer is not None else None)
@@ -121,7 +122,7 @@ class MixedSequence(Request):
             self._logprobs = torch.cat([torch.log_softmax(row.logits.float(), dim=-1) for row in self.rows])
             scores = mix(self.log_weights, self._logprobs)[None]
         self.mixed = scores
-        self._picked = self.chain.pick(self.history, scores, self.generator_for(scores.device))
+        self._picked = self.chain.pick(self.history, scores, self.generator_for(scores.device), self.banned_here())
         return self._picked
 
     def feed(self, token: int) -> bool:

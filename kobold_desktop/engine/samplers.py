@@ -420,8 +420,13 @@ class SamplerChain:
             scores = self._stage(stage, scores, history)
         return scores
 
-    def pick(self, history: torch.Tensor, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The next token id as a [1] tensor on the logits' device."""
+    def pick(self, history: torch.Tensor, logits: torch.Tensor, generator: torch.Generator | None,
+             banned_here: tuple[int, ...] = ()) -> torch.Tensor:
+        """The next token id as a [1] tensor on the logits' device. `banned_here`: tokens
+        banned at this position only (a banned phrase began with them here)."""
+        if banned_here:
+            logits = logits.clone()
+            logits[0, torch.tensor(banned_here, device=logits.device)] = NEG_INF
         scores = self.scores(history, logits)
         if self.settings.greedy:
             return scores.argmax(dim=-1)

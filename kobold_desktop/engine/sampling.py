@@ -30,6 +30,8 @@ DEFAULT_SAMPLER_ORDER = (6, 0, 1, 3, 4, 2, 5)
 DEFAULT_DRY_BREAKERS = ("\n", ":", "\"", "*")
 MAX_BIASES = 1024  # logit_bias entries (OpenAI allows 300, KoboldCpp 16): plenty
 MAX_BREAKERS = 64
+MAX_PHRASES = 256
+MAX_PHRASE_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,9 @@ class SamplingSettings:
     mirostat_eta: float = 0.1
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); -100 or less bans
     banned_tokens: tuple[int, ...] = ()
+    # Phrases that never reach the text (case-insensitive; "/regex/" for a regular
+    # expression): generation goes back to where one began and tries another token.
+    banned_phrases: tuple[str, ...] = ()
     sampler_order: tuple[int, ...] = DEFAULT_SAMPLER_ORDER
 
     def __post_init__(self) -> None:
@@ -84,6 +89,7 @@ class SamplingSettings:
         object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in dict(self.logit_bias).items()))
         object.__setattr__(self, "banned_tokens", tuple(sorted({int(t) for t in self.banned_tokens})))
         object.__setattr__(self, "sampler_order", tuple(int(i) for i in self.sampler_order))
+        object.__setattr__(self, "banned_phrases", tuple(p for p in self.banned_phrases if p))
         checks = [
             (finite, "every sampler setting must be a finite number"),
             (self.max_new_tokens >= 1, "max new tokens must be at least 1"),
@@ -120,10 +126,17 @@ class SamplingSettings:
             (all(0 <= t < 2**31 for t in self.banned_tokens), "banned token ids must be 0 or more"),
             (set(self.sampler_order) <= set(range(7)) and len(set(self.sampler_order)) == len(self.sampler_order),
              "sampler_order lists KoboldCpp's samplers 0-6, each at most once"),
+            (len(self.banned_phrases) <= MAX_PHRASES and all(len(p) <= MAX_PHRASE_CHARS for p in self.banned_phrases),
+             f"at most {MAX_PHRASES} banned phrases of at most {MAX_PHRASE_CHARS} characters each"),
         ]
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message + ".")
+        from kobold_desktop.engine.detokenize import check_phrases
+
+        problem = check_phrases(self.banned_phrases)
+        if problem:
+            raise SettingsError(problem + ".")
 
     @property
     def greedy(self) -> bool:
@@ -147,7 +160,7 @@ class SamplingSettings:
             ("tfs", sampled and self.tfs < 1.0), ("dynatemp_range", sampled and self.dynatemp_range > 0),
             ("smoothing_factor", sampled and self.smoothing_factor > 0), ("nsigma", sampled and self.top_n_sigma > 0),
             ("xtc_probability", sampled and self.xtc_probability > 0 and self.xtc_threshold <= 0.5),
-            ("dry_multiplier", self.dry_multiplier > 0),
+            ("dry_multiplier", self.dry_multiplier > 0), ("banned_strings", bool(self.banned_phrases)),
             ("rep_pen_slope", self.repetition_penalty > 1.0 and self.repetition_penalty_slope < 1.0),
             ("mirostat", sampled and self.mirostat > 0),
             ("sampler_order", sampled and self.sampler_order != DEFAULT_SAMPLER_ORDER)) if on]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence as Seq, Union
 
 import torch
 
-from kobold_desktop.engine.detokenize import IncrementalDetokenizer, StopSequences
+from kobold_desktop.engine.detokenize import IncrementalDetokenizer, PhraseBans, StopSequences
 from kobold_desktop.engine.errors import ModelError
 from kobold_desktop.engine.sampling import SamplingSettings
 from kobold_desktop.engine.samplers import SamplerChain
@@ -108,20 +108,38 @@ def softprompt_fingerprint(tensor: torch.Tensor | None) -> str | None:
     return digest.hexdigest()
 
 
+MAX_REWINDS = 64  # banned phrases met in one request before it ends where it is
+
+
 class Continuation:
     """The text side of one generated sequence: turns its tokens into text chunks and
-    decides when it ends (EOS, a stop sequence, max new tokens, cancel)."""
+    decides when it ends (EOS, a stop sequence, max new tokens, cancel).
+
+    With banned phrases it holds back the last characters a phrase could still span (at
+    token boundaries). When a phrase appears, it rewinds: the tokens from the one where
+    the phrase began are dropped, that token is banned at that position, and `rewind`
+    says where the request's rows must start again (the core re-runs them from there,
+    reusing their cache). Nothing banned is ever emitted."""
 
     def __init__(self, tokenizer: Any, prompt_ids: Seq[int], softprompt_tokens: int,
                  settings: SamplingSettings, eos: set[int], cancel: threading.Event | None = None):
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
         self.settings = settings
+        self._tokenizer = tokenizer
+        self._prompt_ids = list(prompt_ids)
         self.prompt_tokens = len(prompt_ids)
         self.softprompt_tokens = softprompt_tokens
         self.cached_tokens = 0
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
         self._stops = StopSequences(settings.stop)
+        self._bans = PhraseBans(settings.banned_phrases)
+        self._pending = ""  # text held back from the bans' check
+        self._released = 0  # characters passed on (always at a token boundary)
+        self._ends: list[int] = []  # the text's length after each generated token
+        self.position_bans: dict[int, set[int]] = {}  # generated index -> tokens banned there
+        self.rewind: int | None = None  # set when a banned phrase made the tokens from here go
+        self.rewinds = 0
         self._eos = eos
         self._cancel = cancel
         self._pieces: list[str] = []
@@ -131,22 +149,63 @@ class Continuation:
     def cancelled(self) -> bool:
         return self._cancel is not None and self._cancel.is_set()
 
+    def banned_here(self) -> tuple[int, ...]:
+        """Tokens banned at the next position (a banned phrase began with them there)."""
+        return tuple(self.position_bans.get(len(self.generated), ()))
+
     def _emit(self, text: str) -> list[TextChunk]:
         if not text:
             return []
         self._pieces.append(text)
         return [TextChunk(text)]
 
+    def _checked(self, piece: str) -> str | None:
+        """The text that passed the phrase bans (None: a banned phrase began a rewind)."""
+        if not self._bans:
+            return piece
+        self._pending += piece
+        self._ends.append(self._released + len(self._pending))
+        start = self._bans.search(self._pending)
+        if start is not None:
+            self._go_back(self._released + start)
+            return None
+        limit = self._released + len(self._pending) - (self._bans.longest - 1)
+        boundary = max((end for end in self._ends if self._released < end <= limit), default=self._released)
+        safe = self._pending[: boundary - self._released]
+        self._pending = self._pending[boundary - self._released:]
+        self._released = boundary
+        return safe
+
+    def _go_back(self, start: int) -> None:
+        """A banned phrase starts at character `start` of the generated text."""
+        k = next(i for i, end in enumerate(self._ends) if end > start)  # the token that wrote character `start`
+        self.rewinds += 1
+        keep_text = (self._ends[k - 1] if k > 0 else 0) - self._released
+        if self.rewinds > MAX_REWINDS:  # give up on this request, keeping what is clean
+            self._pending = self._pending[: start - self._released]
+            self._detokenizer = IncrementalDetokenizer(self._tokenizer, [])  # nothing of the phrase follows
+            self.finish_reason = "stop"
+            return
+        self.position_bans.setdefault(k, set()).add(self.generated[k])
+        self.generated = self.generated[:k]
+        self._ends = self._ends[:k]
+        self._pending = self._pending[:keep_text]
+        self._detokenizer = IncrementalDetokenizer(self._tokenizer, self._prompt_ids + self.generated)
+        self.rewind = k
+
     def feed(self, token: int) -> list[TextChunk]:
         """Take the next token; returns the text that became final. Sets `finish_reason`
-        when the sequence is over (then `close()` gives the rest)."""
+        when the sequence is over (then `close()` gives the rest), or `rewind`."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if token in self._eos:
             self.finish_reason = "stop"
             return []
         self.generated.append(token)
-        chunks = self._emit(self._stops.feed(self._detokenizer.add(token)))
+        safe = self._checked(self._detokenizer.add(token))
+        if safe is None:
+            return []
+        chunks = self._emit(self._stops.feed(safe))
         if self._stops.stopped:
             self.finish_reason = "stop"
         elif len(self.generated) >= self.settings.max_new_tokens:
@@ -160,7 +219,12 @@ class Continuation:
         self.finish_reason = self.finish_reason or reason or "length"
         if self._stops.stopped:
             return []
-        chunks = self._emit(self._stops.feed(self._detokenizer.flush()))
+        rest = self._pending + self._detokenizer.flush()
+        self._pending = ""
+        start = self._bans.search(rest) if self._bans else None
+        if start is not None:  # completed by the last bytes: too late to rewind, so cut
+            rest = rest[:start]
+        chunks = self._emit(self._stops.feed(rest))
         if self._stops.stopped:
             self.finish_reason = "stop"
             return chunks
@@ -213,9 +277,25 @@ class Request(abc.ABC):
         return self.cancel is not None and self.cancel.is_set()
 
     def started(self) -> None:
-        """Every row's prompt has run (the core calls this once, after `add`)."""
-        if self.text is not None:
+        """Every row's prompt has run (the core calls this after `add`, and after a rewind)."""
+        if self.text is not None and self.text.rewinds == 0:
             self.text.cached_tokens = sum(row.reused for row in self.rows)
+
+    @property
+    def rewinding(self) -> bool:
+        """A banned phrase appeared: the rows must start again where it began (`restart`)."""
+        return self.text is not None and self.text.rewind is not None and not self.done
+
+    def restart(self) -> None:
+        """Make every row a prompt of the original prompt and the tokens kept; the core then
+        adds the request again, taking their cache from the prefix cache."""
+        self.text.rewind = None
+        prompt = self.prompt_ids_at_start + self.text.generated
+        for row in self.rows:
+            row.reset(prompt)
+
+    def banned_here(self) -> tuple[int, ...]:
+        return self.text.banned_here() if self.text is not None else ()
 
     @abc.abstractmethod
     def pick(self) -> torch.Tensor:
@@ -271,6 +351,7 @@ class Sequence(Request):
     ):
         super().__init__(settings, sink, cancel, generator)
         self.prompt_ids = [int(t) for t in prompt_ids]
+        self.prompt_ids_at_start = list(self.prompt_ids)
         self.softprompt = softprompt
         self.n_soft = 0 if softprompt is None else int(softprompt.shape[0])
         if self.n_soft + len(self.prompt_ids) == 0:
@@ -294,4 +375,13 @@ class Sequence(Request):
 
     def pick(self) -> torch.Tensor:
         """The next token id as a [1] tensor on the logits' device."""
-        return self.chain.pick(self.history, self.logits, self.generator_for(self.logits.device))
+        return self.chain.pick(self.history, self.logits, self.generator_for(self.logits.device), self.banned_here())
+
+    def reset(self, prompt_ids: Seq[int]) -> None:
+        """Start again from `prompt_ids` (a rewind): the core runs it like a new prompt."""
+        self.prompt_ids = list(prompt_ids)
+        self.fed_ids = list(prompt_ids)
+        self.scores = []
+        self.reused = 0
+        self.history = None
+        self.logits = None

@@ -81,8 +81,6 @@ class Body(BaseModel):
 # Fields front ends send that we accept and do not apply, and why. The one list: the
 # server logs them once per client and `GET /api/extra/sampling` reports them.
 NOT_APPLIED: dict[str, str] = {
-    "banned_tokens": "phrase bans (KoboldCpp's banned_tokens) are not applied yet",
-    "banned_strings": "phrase bans (SillyTavern's banned_strings) are not applied yet",
     "min_length": "a minimum length is not applied",
     "min_tokens": "a minimum length is not applied",
     "minimum_message_content_tokens": "a minimum length is not applied",
@@ -225,12 +223,25 @@ class Samplers(Body):
     mirostat_eta: Annotated[float, Field(ge=0, le=1)] = 0.1
     logit_bias: tuple[tuple[int, float], ...] = ()
     custom_token_bans: tuple[int, ...] = ()
+    # KoboldCpp's banned_tokens are phrases (SillyTavern sends banned_strings): "/regex/" too
+    banned_strings: Annotated[tuple[str, ...], _aliases("banned_strings", "banned_tokens")] = ()
     sampler_order: Annotated[tuple[int, ...] | None, Field(min_length=1, max_length=7)] = None
     temperature_last: bool | None = None  # text-generation-webui / Aphrodite: where temperature goes
 
     _check_breakers = field_validator("dry_sequence_breakers", mode="before")(classmethod(lambda cls, v: _breakers(v)))
     _check_bans = field_validator("custom_token_bans", mode="before")(classmethod(lambda cls, v: _token_ids(v)))
     _check_biases = field_validator("logit_bias", mode="before")(classmethod(lambda cls, v: _biases(v)))
+
+    @field_validator("banned_strings", mode="before")
+    @classmethod
+    def _check_phrases(cls, value):
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError("must be a list of phrases")
 
     def sampler_fields(self, temperature: float) -> dict[str, Any]:
         """These samplers as SamplingSettings' fields (with the temperature, which dynamic
@@ -244,7 +255,7 @@ class Samplers(Body):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty_slope=self.rep_pen_slope if 0 < self.rep_pen_slope <= 1 else 1.0,
             mirostat=self.mirostat, mirostat_tau=self.mirostat_tau, mirostat_eta=self.mirostat_eta,
-            logit_bias=self.logit_bias, banned_tokens=self.custom_token_bans)
+            logit_bias=self.logit_bias, banned_tokens=self.custom_token_bans, banned_phrases=self.banned_strings)
         if self.dry_sequence_breakers is not None:
             fields["dry_sequence_breakers"] = self.dry_sequence_breakers
         if self.dynamic_temperature and self.dynatemp_low is not None and self.dynatemp_high is not None:

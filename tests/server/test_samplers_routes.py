@@ -97,3 +97,17 @@ def test_bad_sampler_values_get_422_with_our_message(client, server_engine):
     assert status == 422 and "sampler_order" in answer["error"]["message"]
     status, answer = client.call("POST", "/v1/completions", {**BODY, "custom_token_bans": "1, two"})
     assert status == 422
+
+
+def test_a_banned_phrase_never_reaches_a_client_on_any_route(client, server_engine):
+    plain = text(client, "/v1/completions", {**BODY, "max_tokens": 16})
+    phrase = next(plain[i:i + 2] for i in range(len(plain) - 2)  # the random test model writes few letters
+                  if plain[i:i + 2].isprintable() and "\ufffd" not in plain[i:i + 2] and plain[i:i + 2].strip())
+    for path, body in (("/v1/completions", {**BODY, "max_tokens": 16, "banned_strings": [phrase.upper()]}),
+                       ("/api/v1/generate", {**KOBOLD, "max_length": 16, "banned_tokens": [phrase]})):
+        assert phrase.lower() not in text(client, path, body).lower()
+    events = client.stream("/v1/completions", {**BODY, "max_tokens": 16, "stream": True, "banned_strings": [phrase]})
+    streamed = "".join(e["choices"][0]["text"] for e in events[:-1])
+    assert phrase.lower() not in streamed.lower()
+    status, answer = client.call("POST", "/v1/completions", {**BODY, "banned_strings": ["/([/"]})
+    assert status == 422 and "regular expression" in answer["error"]["message"]

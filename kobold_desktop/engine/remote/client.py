@@ -259,6 +259,8 @@ class RemoteSession:
             exact = isinstance(self.tokenizer, ServerTokenizer) and self.tokenizer.dialect == "openai"
             prompt: Any = ids if exact else self._prompt_text(ids)
             body = {"model": model or self.base_model, "prompt": prompt, "stream": True, **settings.openai_fields()}
+            if settings.banned_phrases:  # text-generation-webui's and KoboldCpp's OpenAI routes read it
+                body["banned_strings"] = list(settings.banned_phrases)
             return _openai_text(self.http.stream("/v1/completions", body))
         body = {"prompt": self._prompt_text(ids), "max_length": settings.max_new_tokens,
                 "max_context_length": self.context_length, "temperature": settings.temperature,
@@ -266,6 +268,8 @@ class RemoteSession:
                 "typical": settings.typical_p, "rep_pen": settings.repetition_penalty,
                 "rep_pen_range": settings.repetition_penalty_range, "stop_sequence": list(settings.stop),
                 "sampler_seed": settings.seed if settings.seed is not None else -1}
+        if settings.banned_phrases:
+            body["banned_tokens"] = list(settings.banned_phrases)  # KoboldCpp's name for phrase bans
         if model:
             body["soft_prompt"] = model
         if self.dialect == "koboldcpp":
