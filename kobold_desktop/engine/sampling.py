@@ -34,6 +34,51 @@ MAX_PHRASES = 256
 MAX_PHRASE_CHARS = 200
 
 
+# What each setting does, in a writer's words: the window's tooltips and the README.
+DESCRIPTIONS: dict[str, str] = {
+    "max_new_tokens": "How many tokens the model writes each turn.",
+    "temperature": "Randomness. Higher is more surprising, lower more predictable; 0 always takes the most "
+                   "likely token.",
+    "top_k": "Only the k most likely tokens can be chosen. 0 is off.",
+    "top_p": "Only the most likely tokens that together make up this probability can be chosen. 1 is off.",
+    "min_p": "Tokens less likely than this fraction of the most likely one are left out. 0 is off.",
+    "typical_p": "Keeps the tokens whose surprise is closest to the usual (locally typical sampling). 1 is off.",
+    "repetition_penalty": "Makes tokens already in the recent text less likely. 1 is off; 1.05 to 1.2 is usual.",
+    "repetition_penalty_range": "How many recent tokens the repetition penalty looks at. 0: the whole text.",
+    "repetition_penalty_slope": "Below 1, the older half of that range is penalised less (KoboldAI's slope).",
+    "presence_penalty": "Lowers every token already in the range by this much, once.",
+    "frequency_penalty": "Lowers every token in the range by this much for each time it appears.",
+    "seed": "The same seed writes the same text again. Random when empty.",
+    "top_a": "Leaves out tokens less likely than a times the square of the top probability. 0 is off.",
+    "tfs": "Tail-free sampling: cuts the long tail of unlikely tokens where the probabilities flatten. 1 is off.",
+    "dynatemp_range": "Dynamic temperature: the temperature moves up to this far each way, higher when the model "
+                      "is unsure. 0 is off.",
+    "dynatemp_exponent": "How dynamic temperature follows the model's uncertainty (1: in proportion).",
+    "smoothing_factor": "Quadratic (smooth) sampling: evens out the likely tokens and drops the unlikely ones "
+                        "faster. 0 is off.",
+    "smoothing_curve": "The shape of smooth sampling (1: plain quadratic).",
+    "top_n_sigma": "Keeps the tokens whose score is within this many standard deviations of the best. 0 is off.",
+    "xtc_probability": "Exclude Top Choices: how often the most likely tokens are set aside for a less obvious one. "
+                       "0 is off.",
+    "xtc_threshold": "XTC sets aside tokens at least this likely (all but the least likely of them).",
+    "dry_multiplier": "DRY: how hard repeating a phrase from earlier in the story is penalised. 0 is off; 0.8 is "
+                      "usual.",
+    "dry_base": "DRY: how fast the penalty grows with the length of the repeat.",
+    "dry_allowed_length": "DRY: repeats this many tokens long are never penalised.",
+    "dry_range": "DRY: how many recent tokens it looks at. 0: the whole text.",
+    "dry_sequence_breakers": "DRY: a repeat never runs across these (a JSON list, e.g. [\"\\n\", \":\"]).",
+    "mirostat": "Mirostat keeps the text's surprise near tau, replacing the other samplers. 0 is off.",
+    "mirostat_tau": "Mirostat's target surprise (higher is more varied).",
+    "mirostat_eta": "How fast mirostat corrects itself.",
+    "logit_bias": "Make tokens more or less likely: token id:bias, e.g. 198:-2, 50256:-100 (-100 bans).",
+    "banned_tokens": "Token ids that are never chosen, e.g. 198, 628.",
+    "banned_phrases": "Phrases that never appear, one per line, any case; /regex/ for a regular expression. The "
+                      "model goes back and writes something else.",
+    "sampler_order": "KoboldCpp's order: 0 top-k, 1 top-a, 2 top-p and min-p, 3 tail-free, 4 typical, "
+                     "5 temperature, 6 repetition penalty.",
+}
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How to pick each next token. The defaults suit story writing; every sampler not

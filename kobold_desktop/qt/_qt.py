@@ -47,6 +47,7 @@ from PySide6.QtWidgets import (  # noqa: F401
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
+    QInputDialog,
     QLabel,
     QLineEdit,
     QListWidget,

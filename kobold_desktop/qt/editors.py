@@ -5,8 +5,10 @@ from __future__ import annotations
 from kobold_desktop.engine import SamplingSettings
 from kobold_desktop.qt._qt import (
     QCheckBox,
+    QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -157,74 +159,279 @@ class WorldInfoEditor(QWidget):
         self.changed.emit()
 
 
+# The Settings tab, group by group: (field, label, minimum, maximum, step, decimals, shown at the
+# minimum). decimals None: a whole number. Every field's tooltip is sampling.DESCRIPTIONS'.
+SAMPLER_GROUPS: tuple[tuple[str, tuple], ...] = (
+    ("Basic", (
+        ("max_new_tokens", "Max new tokens", 1, 4096, 1, None, None),
+        ("temperature", "Temperature", 0.0, 5.0, 0.05, 2, "0 (greedy)"),
+        ("top_k", "Top-k", 0, 1000, 1, None, "off"),
+        ("top_p", "Top-p", 0.01, 1.0, 0.01, 2, None),
+        ("min_p", "Min-p", 0.0, 1.0, 0.01, 2, "off"),
+    )),
+    ("Repetition", (
+        ("repetition_penalty", "Repetition penalty", 0.5, 3.0, 0.01, 2, None),
+        ("repetition_penalty_range", "Penalty range (tokens)", 0, 100_000, 64, None, "whole story"),
+        ("repetition_penalty_slope", "Penalty slope", 0.0, 1.0, 0.05, 2, None),
+        ("presence_penalty", "Presence penalty", -2.0, 2.0, 0.05, 2, None),
+        ("frequency_penalty", "Frequency penalty", -2.0, 2.0, 0.05, 2, None),
+        ("dry_multiplier", "DRY multiplier", 0.0, 10.0, 0.05, 2, "off"),
+        ("dry_base", "DRY base", 1.0, 10.0, 0.05, 2, None),
+        ("dry_allowed_length", "DRY allowed length", 1, 100, 1, None, None),
+        ("dry_range", "DRY range (tokens)", 0, 100_000, 64, None, "whole story"),
+    )),
+    ("Advanced", (
+        ("typical_p", "Typical-p", 0.01, 1.0, 0.01, 2, None),
+        ("top_a", "Top-a", 0.0, 1.0, 0.01, 2, "off"),
+        ("tfs", "Tail-free (TFS)", 0.01, 1.0, 0.01, 2, None),
+        ("top_n_sigma", "Top-n-sigma", 0.0, 10.0, 0.1, 2, "off"),
+        ("dynatemp_range", "Dynamic temperature range", 0.0, 5.0, 0.05, 2, "off"),
+        ("dynatemp_exponent", "Dynamic temperature exponent", 0.0, 10.0, 0.1, 2, None),
+        ("smoothing_factor", "Smoothing factor", 0.0, 10.0, 0.05, 2, "off"),
+        ("smoothing_curve", "Smoothing curve", 1.0, 3.0, 0.05, 2, None),
+        ("xtc_probability", "XTC probability", 0.0, 1.0, 0.05, 2, "off"),
+        ("xtc_threshold", "XTC threshold", 0.0, 1.0, 0.01, 2, None),
+        ("mirostat_tau", "Mirostat tau", 0.0, 20.0, 0.1, 2, None),
+        ("mirostat_eta", "Mirostat eta", 0.0, 1.0, 0.01, 2, None),
+    )),
+)
+# Fields edited as text: (field, label, group)
+TEXT_FIELDS = (
+    ("dry_sequence_breakers", "DRY sequence breakers", "Repetition"),
+    ("banned_phrases", "Banned phrases", "Repetition"),
+    ("sampler_order", "Sampler order", "Advanced"),
+    ("logit_bias", "Logit bias", "Advanced"),
+    ("banned_tokens", "Banned token ids", "Advanced"),
+)
+
+
 class SamplerPanel(QWidget):
-    """Sampler settings with sensible defaults and a Reset button."""
+    """Every sampler, grouped (basic, repetition, advanced), each with a tooltip that says
+    what it does; presets to pick, change and save. Its settings travel with the story."""
 
     changed = Signal()
 
-    def __init__(self, parent=None):
+    def __init__(self, parent=None, app_settings=None):
+        from kobold_desktop.engine.sampling import DESCRIPTIONS
+
         super().__init__(parent)
-        self.max_new_tokens = QSpinBox(self, minimum=1, maximum=4096)
+        self.app_settings = app_settings  # where saved presets live (kobold_desktop.settings.Settings)
+        self.preset = QComboBox(self)
+        self.preset.setAccessibleName("Sampler preset")
+        self.preset.setToolTip("Pick a preset to set every sampler at once; change any value after.")
+        save = QPushButton("Save as preset…", self)
+        self.delete_preset_button = QPushButton("Delete preset", self)
+        top = QHBoxLayout()
+        top.addWidget(self.preset, 1)
+        top.addWidget(save)
+        top.addWidget(self.delete_preset_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(top)
         self.context_size = QSpinBox(self, minimum=64, maximum=1_000_000, singleStep=256)
-        self.temperature = QDoubleSpinBox(self, minimum=0.0, maximum=5.0, singleStep=0.05, decimals=2)
-        self.temperature.setSpecialValueText("0 (greedy)")
-        self.top_k = QSpinBox(self, minimum=0, maximum=1000)
-        self.top_k.setSpecialValueText("off")
-        self.top_p = QDoubleSpinBox(self, minimum=0.01, maximum=1.0, singleStep=0.01, decimals=2)
-        self.min_p = QDoubleSpinBox(self, minimum=0.0, maximum=0.99, singleStep=0.01, decimals=2)
-        self.typical_p = QDoubleSpinBox(self, minimum=0.01, maximum=1.0, singleStep=0.01, decimals=2)
-        self.repetition_penalty = QDoubleSpinBox(self, minimum=0.5, maximum=3.0, singleStep=0.01, decimals=2)
-        self.repetition_penalty_range = QSpinBox(self, minimum=0, maximum=100_000, singleStep=64)
-        self.repetition_penalty_range.setSpecialValueText("whole story")
+        self.context_size.setToolTip("The most tokens of the story the model reads each turn (at most the model's).")
         self.seed = QSpinBox(self, minimum=-1, maximum=2**31 - 1)
         self.seed.setSpecialValueText("random")
+        self.seed.setToolTip(DESCRIPTIONS["seed"])
+        self.mirostat = QComboBox(self)
+        self.mirostat.addItems(["off", "1", "2"])
+        self.mirostat.setToolTip(DESCRIPTIONS["mirostat"])
+        forms = {}
+        for group, fields in SAMPLER_GROUPS:
+            box = QGroupBox(group, self)
+            form = QFormLayout(box)
+            forms[group] = form
+            for name, label, low, high, step, decimals, special in fields:
+                if decimals is None:
+                    widget = QSpinBox(self, minimum=int(low), maximum=int(high), singleStep=int(step))
+                else:
+                    widget = QDoubleSpinBox(self, minimum=low, maximum=high, singleStep=step, decimals=decimals)
+                if special:
+                    widget.setSpecialValueText(special)
+                widget.setToolTip(DESCRIPTIONS[name])
+                widget.setAccessibleName(label)
+                setattr(self, name, widget)
+                form.addRow(label, widget)
+            if group == "Basic":
+                form.addRow("Context size", self.context_size)
+                form.addRow("Seed", self.seed)
+            if group == "Advanced":
+                form.addRow("Mirostat", self.mirostat)
+            layout.addWidget(box)
+        for name, label, group in TEXT_FIELDS:
+            widget = QPlainTextEdit(self) if name == "banned_phrases" else QLineEdit(self)
+            if name == "banned_phrases":
+                widget.setMaximumHeight(70)
+                widget.setPlaceholderText("one phrase per line; /regex/ for a regular expression")
+            widget.setToolTip(DESCRIPTIONS[name])
+            widget.setAccessibleName(label)
+            setattr(self, name, widget)
+            forms[group].addRow(label, widget)
         reset = QPushButton("Reset to defaults", self)
-        form = QFormLayout(self)
-        form.addRow("Max new tokens", self.max_new_tokens)
-        form.addRow("Context size", self.context_size)
-        form.addRow("Temperature", self.temperature)
-        form.addRow("Top-k", self.top_k)
-        form.addRow("Top-p", self.top_p)
-        form.addRow("Min-p", self.min_p)
-        form.addRow("Typical-p", self.typical_p)
-        form.addRow("Repetition penalty", self.repetition_penalty)
-        form.addRow("Penalty range (tokens)", self.repetition_penalty_range)
-        form.addRow("Seed", self.seed)
-        form.addRow(reset)
+        layout.addWidget(reset)
         reset.clicked.connect(self.reset)
+        save.clicked.connect(self._ask_preset_name)
+        self.delete_preset_button.clicked.connect(lambda: self.delete_preset(self.preset.currentText()))
         self.reset()
-        for box in self._boxes():
-            box.valueChanged.connect(self.changed)
+        self._fill_presets()
+        self.preset.activated.connect(lambda _index: self.choose_preset(self.preset.currentText()))
+        for widget in self._inputs():
+            signal = widget.valueChanged if hasattr(widget, "valueChanged") else widget.textChanged
+            signal.connect(self.changed)
+        self.mirostat.currentIndexChanged.connect(self.changed)
 
-    def _boxes(self):
-        return (self.max_new_tokens, self.context_size, self.temperature, self.top_k, self.top_p, self.min_p,
-                self.typical_p, self.repetition_penalty, self.repetition_penalty_range, self.seed)
+    def _inputs(self):
+        numbers = [getattr(self, name) for _, fields in SAMPLER_GROUPS for name, *_ in fields]
+        return numbers + [self.context_size, self.seed] + [getattr(self, name) for name, *_ in TEXT_FIELDS]
+
+    # -- presets ------------------------------------------------------------------------
+
+    def _saved_presets(self) -> dict:
+        from kobold_desktop.engine import presets
+
+        return presets.saved(self.app_settings.get(presets.SETTINGS_KEY)) if self.app_settings is not None else {}
+
+    def presets(self) -> dict:
+        """Every preset by name: the built-in ones, then the writer's."""
+        from kobold_desktop.engine import presets
+
+        return {**presets.BUILT_IN, **self._saved_presets()}
+
+    def _fill_presets(self, current: str = "") -> None:
+        from kobold_desktop.engine import presets
+
+        saved = list(self._saved_presets())
+        self.preset.blockSignals(True)
+        self.preset.clear()
+        self.preset.addItem("")  # no preset chosen (or changed since)
+        self.preset.addItems(list(presets.BUILT_IN))
+        if saved:
+            self.preset.insertSeparator(self.preset.count())
+            self.preset.addItems(saved)
+        self.preset.setCurrentText(current)
+        self.preset.blockSignals(False)
+        self.delete_preset_button.setEnabled(current in saved)
+
+    def choose_preset(self, name: str) -> None:
+        from kobold_desktop.engine import presets
+
+        chosen = self.presets().get(name)
+        if chosen is None:
+            return
+        self.set_settings(presets.apply(chosen, self.settings()))
+        self._fill_presets(name)
+        self.changed.emit()
+
+    def save_preset(self, name: str) -> None:
+        """Keep the settings now as a preset of the writer's (a name taken is replaced)."""
+        from kobold_desktop.engine import presets
+
+        name = name.strip()
+        if not name or self.app_settings is None:
+            return
+        stored = self._saved_presets()
+        stored[name] = presets.from_settings(self.settings())
+        self.app_settings.set(presets.SETTINGS_KEY, stored)
+        self._fill_presets(name)
+
+    def delete_preset(self, name: str) -> None:
+        from kobold_desktop.engine import presets
+
+        stored = self._saved_presets()
+        if name in stored and self.app_settings is not None:
+            del stored[name]
+            self.app_settings.set(presets.SETTINGS_KEY, stored)
+            self._fill_presets("")
+
+    def _ask_preset_name(self) -> None:
+        from kobold_desktop.qt._qt import QInputDialog
+
+        name, ok = QInputDialog.getText(self, "Save preset", "Name of the preset:")
+        if ok:
+            self.save_preset(name)
+
+    # -- values -------------------------------------------------------------------------
 
     def reset(self) -> None:
         self.set_settings(SamplingSettings(), context_size=2048)
 
     def set_settings(self, settings: SamplingSettings, context_size: int | None = None) -> None:
-        self.max_new_tokens.setValue(settings.max_new_tokens)
-        self.temperature.setValue(settings.temperature)
-        self.top_k.setValue(settings.top_k)
-        self.top_p.setValue(settings.top_p)
-        self.min_p.setValue(settings.min_p)
-        self.typical_p.setValue(settings.typical_p)
-        self.repetition_penalty.setValue(settings.repetition_penalty)
-        self.repetition_penalty_range.setValue(settings.repetition_penalty_range)
+        import json
+
+        for _, fields in SAMPLER_GROUPS:
+            for name, *_ in fields:
+                getattr(self, name).setValue(getattr(settings, name))
         self.seed.setValue(-1 if settings.seed is None else settings.seed)
+        self.mirostat.setCurrentIndex(settings.mirostat)
+        self.dry_sequence_breakers.setText(json.dumps(list(settings.dry_sequence_breakers), ensure_ascii=False))
+        self.banned_phrases.setPlainText("\n".join(settings.banned_phrases))
+        self.sampler_order.setText(", ".join(str(i) for i in settings.sampler_order))
+        self.logit_bias.setText(", ".join(f"{t}:{b:g}" for t, b in settings.logit_bias))
+        self.banned_tokens.setText(", ".join(str(t) for t in settings.banned_tokens))
         if context_size is not None:
             self.context_size.setValue(context_size)
 
     def settings(self) -> SamplingSettings:
+        """The settings shown; a `SettingsError` that names the field when one cannot be read."""
+        from kobold_desktop.engine.sampling import SettingsError
+
+        values = {name: getattr(self, name).value() for _, fields in SAMPLER_GROUPS for name, *_ in fields}
+        seed = self.seed.value()
+        try:
+            breakers = _json_strings(self.dry_sequence_breakers.text())
+        except ValueError as exc:
+            raise SettingsError(f"DRY sequence breakers: {exc}.") from exc
         return SamplingSettings(
-            max_new_tokens=self.max_new_tokens.value(),
-            temperature=self.temperature.value(),
-            top_k=self.top_k.value(),
-            top_p=self.top_p.value(),
-            min_p=self.min_p.value(),
-            typical_p=self.typical_p.value(),
-            repetition_penalty=self.repetition_penalty.value(),
-            repetition_penalty_range=self.repetition_penalty_range.value(),
-            seed=None if self.seed.value() < 0 else self.seed.value(),
-        )
+            **values, seed=None if seed < 0 else seed, mirostat=self.mirostat.currentIndex(),
+            dry_sequence_breakers=breakers,
+            banned_phrases=tuple(line for line in self.banned_phrases.toPlainText().splitlines() if line.strip()),
+            sampler_order=_ids(self.sampler_order.text(), "Sampler order"),
+            logit_bias=_bias(self.logit_bias.text()),
+            banned_tokens=_ids(self.banned_tokens.text(), "Banned token ids"))
+
+    def to_dict(self) -> dict:
+        """The settings and the context size, as the app's settings and a story file keep them."""
+        data = self.settings().to_dict()
+        data["context_size"] = self.context_size.value()
+        return data
+
+    def set_dict(self, data: dict) -> None:
+        """Show settings kept by `to_dict`; raises `SettingsError`, `TypeError` or
+        `ValueError` (nothing shown changes) when they cannot be used."""
+        context = data.get("context_size")
+        if context is not None and (not isinstance(context, int) or isinstance(context, bool)):
+            raise ValueError("the context size is not a whole number")
+        self.set_settings(SamplingSettings.from_dict(data), context)
+
+
+def _json_strings(text: str) -> tuple[str, ...]:
+    import json
+
+    if not text.strip():
+        return ()
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError('write them as a JSON list of strings, e.g. ["\\n", ":"]')
+    return tuple(value)
+
+
+def _ids(text: str, label: str) -> tuple[int, ...]:
+    from kobold_desktop.engine.sampling import SettingsError
+
+    parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise SettingsError(f"{label}: write whole numbers separated by commas.")
+    return tuple(int(p) for p in parts)
+
+
+def _bias(text: str) -> tuple[tuple[int, float], ...]:
+    from kobold_desktop.engine.sampling import SettingsError
+
+    pairs = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        token, _sep, bias = part.partition(":")
+        try:
+            pairs.append((int(token), float(bias)))
+        except ValueError:
+            raise SettingsError(f"Logit bias: write token id:bias pairs, e.g. 198:-2 (not '{part}').") from None
+    return tuple(pairs)
+

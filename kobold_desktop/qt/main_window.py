@@ -210,7 +210,7 @@ class MainWindow(QMainWindow):
         self.softprompt_panel = SoftPromptPanel(self.library, self)
         self.memory_editor = MemoryEditor(self)
         self.world_info_editor = WorldInfoEditor(self)
-        self.sampler_panel = SamplerPanel(self)
+        self.sampler_panel = SamplerPanel(self, self.settings)
         self.appearance = Appearance.from_dict(self.settings.get("appearance"))
         self.appearance_panel = AppearancePanel(self.appearance, self)
         settings_page = QWidget(self)
@@ -355,18 +355,27 @@ class MainWindow(QMainWindow):
         stored = self.settings.get("sampler")
         if isinstance(stored, dict):
             try:
-                self.sampler_panel.set_settings(SamplingSettings.from_dict(stored), stored.get("context_size"))
+                self.sampler_panel.set_dict(stored)
             except (KoboldError, TypeError, ValueError):
                 pass  # a bad stored value: keep the defaults
         self.set_appearance(self.appearance, save=False)
 
     def _save_sampler_settings(self) -> None:
         try:
-            data = self.sampler_panel.settings().to_dict()
+            self.settings.set("sampler", self.sampler_panel.to_dict())
         except KoboldError:
             return
-        data["context_size"] = self.sampler_panel.context_size.value()
-        self.settings.set("sampler", data)
+
+    def story_opened(self) -> None:
+        """A story was opened: the sampler settings saved with it come back."""
+        stored = self.story.sampling
+        if not stored:
+            return
+        try:
+            self.sampler_panel.set_dict(stored)
+        except (KoboldError, TypeError, ValueError) as exc:
+            self.notify("Settings", f"The story's sampler settings could not be used ({exc}); the current ones "
+                                    "stay.", error=True)
 
     def remember(self, key: str, value: str) -> None:
         items = [v for v in self.settings.get(key, []) if v != value]
@@ -472,10 +481,15 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"{name} — {APP_NAME}")
 
     def sync_story(self) -> None:
-        """Take in the user's edits of the text and the editors."""
+        """Take in the user's edits of the text, the editors and the sampler settings (they
+        are saved with the story)."""
         self.session.story = self.view.to_story(self.session.story)
         self.memory_editor.apply(self.session.story)
         self.world_info_editor.apply(self.session.story)
+        try:
+            self.session.story.sampling = self.sampler_panel.to_dict()
+        except KoboldError:
+            pass  # a value that cannot be read yet: the story keeps the last good ones
 
     def show_story(self) -> None:
         self._rendering = True

@@ -29,6 +29,7 @@ class StoryHost(Protocol):
     def show_story(self) -> None: ...  # show the session's story
     def flush_text(self) -> None: ...  # streamed text not yet in the session
     def update_title(self) -> None: ...
+    def story_opened(self) -> None: ...  # the settings saved with the story come back
     def notify(self, title: str, text: str, error: bool = False) -> None: ...
     def remember(self, key: str, value: str) -> None: ...  # a recent file
     def _ask(self, box: QMessageBox) -> int: ...  # a question (tests answer in its place)
@@ -122,6 +123,7 @@ class StoryFiles(QObject):
         if is_ours:
             self.window.remember("recent_stories", str(path))
         self.window.show_story()
+        self.window.story_opened()
 
     def save(self) -> bool:
         if self.path is None:
@@ -239,6 +241,7 @@ class StoryFiles(QObject):
         self.session.replace(story)
         self.path = None if path == autosave else path
         self.window.show_story()
+        self.window.story_opened()
 
     def end_session(self) -> None:
         self._session_open = False

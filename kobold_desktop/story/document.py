@@ -40,6 +40,9 @@ class Story:
     authors_note_depth: int = 3  # inserted before the last N pieces of the story
     world_info: list[WorldInfoEntry] = field(default_factory=list)
     world_info_depth: int = 3  # how many recent pieces World Info keys are searched in
+    # The sampler settings the story was written with (SamplingSettings.to_dict() and the
+    # context size); the window shows them again when the story is opened.
+    sampling: dict[str, Any] | None = None
 
     def chunks(self) -> list[str]:
         """The story's pieces in order: the prompt, then every action."""

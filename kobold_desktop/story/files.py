@@ -165,7 +165,19 @@ def _ours(data: dict[str, Any]) -> Story:
         authors_note_depth=_int(data, "authors_note_depth", 3, 0, 1000),
         world_info=entries,
         world_info_depth=_int(data, "world_info_depth", 3, 0, 1000),
+        sampling=_sampling(data),
     )
+
+
+def _sampling(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The sampler settings saved with a story: an object of settings, checked when they are
+    shown (a bad value there leaves the current settings and says so)."""
+    value = data.get("sampling")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _Invalid("'sampling' is not an object of sampler settings")
+    return value
 
 
 def _text(value: Any) -> str:
