@@ -91,3 +91,25 @@ def test_a_bad_regular_expression_is_refused_with_a_message():
 
     with pytest.raises(SettingsError, match="regular expression"):
         SamplingSettings(banned_phrases=("/([a-z/",))
+
+
+def test_a_mixture_with_dry_xtc_and_a_phrase_ban(engines, tmp_path):
+    """The chain runs on the mixed distribution; the rewind restarts every member row."""
+    from kobold_desktop.softprompt import Metadata, kobold_zip
+    from kobold_desktop.softprompt.mixture import Mixture, MixtureMember
+
+    engine, _ = engines
+    torch.manual_seed(4)
+    files = []
+    for name in ("a", "b"):
+        kobold_zip.write(tmp_path / f"{name}.zip", torch.randn(3, engine.hidden_size) * 0.5, Metadata(name=name))
+        files.append(tmp_path / f"{name}.zip")
+    mixture = engine.prepare_mixture(Mixture("m", "bayes", (MixtureMember("a.zip", 1.0), MixtureMember("b.zip", 1.0))),
+                                     files)
+    token, phrase = forced_phrase(engine)
+    settings = SamplingSettings(temperature=0.8, seed=3, max_new_tokens=12, logit_bias=((token, 8.0),),
+                                dry_multiplier=0.5, xtc_probability=0.5, banned_phrases=(phrase,))
+    first = engine.generate(PROMPT, settings, softprompt=mixture)
+    again = engine.generate(PROMPT, settings, softprompt=mixture)
+    assert phrase.lower() not in first.text.lower() and first.token_ids == again.token_ids  # seeded
+    assert first.generated_tokens == 12 and first.mixture_weights is not None
