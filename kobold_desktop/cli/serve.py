@@ -36,11 +36,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = resolve_model(config.model)
     if config.backend == "vllm":
         with remote_backend(model, config, args) as (engine, scheduler):
-            return serve(Service(engine, config, scheduler), config, args)
+            return serve(Service(engine, with_library(config, engine, args, mixtures=False), scheduler), config, args)
     engine = Engine()
     print(f"Loading {model} ...", file=sys.stderr)
     engine.load(model, load_options(args))
-    return serve(Service(engine, config), config, args)
+    return serve(Service(engine, with_library(config, engine, args)), config, args)
+
+
+def with_library(config, engine, args: argparse.Namespace, mixtures: bool = True):
+    """The library's soft prompts that fit the model beside those named by hand, unless
+    --only-prompt-adapters (KoboldAI serves its softprompts folder)."""
+    from kobold_desktop.server.library import library_adapters
+    from kobold_desktop.softprompt.library import SoftPromptLibrary
+
+    if args.only_prompt_adapters or not config.enable_prompt_adapter:
+        return config
+    found = library_adapters(SoftPromptLibrary(), engine.hidden_size, engine.loaded.info.name,
+                             config.max_prompt_adapter_token, set(config.prompt_adapters), mixtures)
+    named = {str(p) for p in config.prompt_adapters.values()}
+    return replace(config, library_adapters={name: path for name, path in found.items() if path not in named})
 
 
 @contextmanager
@@ -110,7 +124,10 @@ def add_parser(commands) -> None:
     v.add_argument("model", nargs="?", metavar="MODEL", help="model folder or Hugging Face id (default: the config's, "
                    "else the demo model)")
     v.add_argument("--prompt-adapters", nargs="+", metavar="NAME=PATH",
-                   help="soft prompts to serve as models: a zip, a PEFT folder or a library name each")
+                   help="more soft prompts to serve as models: a zip, a PEFT folder or a library name each")
+    v.add_argument("--only-prompt-adapters", action="store_true",
+                   help="serve only the soft prompts named by --prompt-adapters (by default every soft prompt "
+                        "and mixture in your library that fits the model is served too)")
     v.add_argument("--max-prompt-adapter-token", type=int, metavar="N", help="longest soft prompt allowed (512)")
     v.add_argument("--max-prompt-adapters", type=int, metavar="N", help="most soft prompts served at once (8)")
     v.add_argument("--host", metavar="HOST", help="address to listen on (127.0.0.1: this computer only)")

@@ -25,21 +25,14 @@ def _serve(engine, library, model_name: str, hidden_size: int, port: int):
     """On the server's thread: the soft prompts that fit, the service, the HTTP server."""
     from kobold_desktop.server.config import ServeConfig
     from kobold_desktop.server.http import KoboldServer
+    from kobold_desktop.server.library import library_adapters
     from kobold_desktop.server.service import Service
 
-    config = ServeConfig(max_prompt_adapters=256)
-    adapters: dict[str, str] = {}
-    for entry in library.refresh():
-        fits = entry.compatibility(hidden_size).ok
-        if fits and entry.n_tokens <= config.max_prompt_adapter_token:
-            name, counter = entry.name, 2
-            while name in adapters or name == model_name:
-                name, counter = f"{entry.name} ({counter})", counter + 1
-            adapters[name] = str(entry.path)
-    config.prompt_adapters = adapters
+    config = ServeConfig()
+    config.library_adapters = library_adapters(library, hidden_size, model_name, config.max_prompt_adapter_token)
     service = Service(engine, config)
     try:
-        return KoboldServer(service, config.host, port).start(), [model_name, *adapters]
+        return KoboldServer(service, config.host, port).start(), [model_name, *service.adapters]
     except BaseException:
         service.close()
         raise

@@ -21,6 +21,9 @@ class ServeConfig:
     model: str | None = None
     enable_prompt_adapter: bool = True
     prompt_adapters: dict[str, str] = field(default_factory=dict)  # name -> zip, PEFT folder or library name
+    # The library's soft prompts that fit (server/library.py): one that fails to load is left
+    # out with a warning instead of stopping the server.
+    library_adapters: dict[str, str] = field(default_factory=dict)
     max_prompt_adapter_token: int = 512
     max_prompt_adapters: int = 8
     host: str = "127.0.0.1"

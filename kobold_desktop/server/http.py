@@ -111,11 +111,22 @@ class Guard:
     def origin_allowed(self, origin: str) -> bool:
         return origin in self.origins or "*" in self.origins or bool(self.origin_re.match(origin))
 
-    async def _refuse(self, send, status: int, message: str) -> None:
+    async def _refuse(self, send, status: int, message: str, origin: str | None = None) -> None:
         body = json.dumps(ApiError(status, message, "permission_error").body()).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if origin:  # the refused page may read why (and nothing else: no route ran)
+            headers += [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def _preflight(self, send, origin: str) -> None:
+        """A page we refuse still gets its preflight answered, so that the request that
+        follows reaches us and its 403 (with our message) reaches the page."""
+        await send({"type": "http.response.start", "status": 204, "headers": [
+            (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
+            (b"access-control-allow-methods", b"GET, POST, PUT, DELETE, OPTIONS"),
+            (b"access-control-allow-headers", b"authorization, content-type"), (b"access-control-max-age", b"600")]})
+        await send({"type": "http.response.body", "body": b""})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -130,8 +141,11 @@ class Guard:
                                                      "to the name clients use).")
         origin = headers.get("origin")
         if origin and origin != "null" and not self.origin_allowed(origin):
+            if scope.get("method") == "OPTIONS" and "access-control-request-method" in headers:
+                return await self._preflight(send, origin)
             return await self._refuse(send, 403, f"requests from the web page at {origin} are not allowed; "
-                                                 "start the server with --allowed-origins to allow that site.")
+                                                 "start the server with --allowed-origins to allow that site.",
+                                      origin)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
             return await self._refuse(send, 413, "the request body is too large.")
@@ -200,6 +214,8 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
     (413, "The body is too large"), (422, "A field is missing, of the wrong type or out of range"),
     (500, "A bug: the server goes on"))}
 # Routes that stream server-sent events when the body asks for it (`stream: true`).
+# What was clamped or trimmed to fit a request to the model ("context 512 (asked 6144); ...").
+FITTED_HEADER = "X-Kobold-Fitted"
 STREAMING = {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
              "description": "JSON, or server-sent events when streaming"}
 
@@ -262,7 +278,8 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
 
     def respond(result: dict[str, Any] | EventStream):
         if isinstance(result, dict):
-            return result
+            fitted = result.get("fitted")
+            return JSONResponse(result, headers={FITTED_HEADER: "; ".join(fitted)}) if fitted else result
 
         async def events():
             iterator = iter(result)
@@ -288,8 +305,10 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
             finally:  # finished, or the client went away: stop what still runs
                 result.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if result.fitted:
+            headers[FITTED_HEADER] = "; ".join(result.fitted)
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     # OpenAI and vLLM
     app.get("/v1/models", dependencies=deps)(service.models)
@@ -302,12 +321,12 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
     @app.post("/v1/completions", dependencies=deps, responses={200: STREAMING})
     def completions(body: p.CompletionRequest, request: Request):
         service.note_fields(client_of(request), "/v1/completions", body)
-        return respond(service.completions(body))
+        return respond(service.completions(body, client_of(request)))
 
     @app.post("/v1/chat/completions", dependencies=deps, responses={200: STREAMING})
     def chat_completions(body: p.ChatCompletionRequest, request: Request):
         service.note_fields(client_of(request), "/v1/chat/completions", body)
-        return respond(service.chat_completions(body))
+        return respond(service.chat_completions(body, client_of(request)))
 
     @app.post("/v1/soft_prompt/load", dependencies=deps)
     def load_softprompt(body: p.LoadSoftPromptRequest, trusted: bool = Depends(admin)):
@@ -336,7 +355,7 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
     @app.post("/api/v1/generate", dependencies=deps)
     def kobold_generate(body: p.KoboldGenerateRequest, request: Request):
         service.note_fields(client_of(request), "/api/v1/generate", body)
-        return service.kobold_generate(body)
+        return respond(service.kobold_generate(body, client_of(request)))
 
     @app.get("/api/extra/sampling", dependencies=deps)
     def sampling():
@@ -353,26 +372,26 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
                                "description": "KoboldCpp's server-sent events"}})
     def kobold_stream(body: p.KoboldGenerateRequest, request: Request):
         service.note_fields(client_of(request), "/api/extra/generate/stream", body)
-        return respond(service.kobold_generate_stream(body))
+        return respond(service.kobold_generate_stream(body, client_of(request)))
 
     @app.post("/api/extra/abort", dependencies=deps)
-    def abort(body: p.GenkeyRequest | None = None):
-        return service.kobold_abort(body or p.GenkeyRequest())
+    def abort(request: Request, body: p.GenkeyRequest | None = None):
+        return service.kobold_abort(body or p.GenkeyRequest(), client_of(request))
 
     @app.post("/api/extra/generate/check", dependencies=deps)
-    def check(body: p.GenkeyRequest | None = None, genkey: str | None = Query(None)):
-        return service.kobold_check(body or p.GenkeyRequest(genkey=genkey))
+    def check(request: Request, body: p.GenkeyRequest | None = None, genkey: str | None = Query(None)):
+        return service.kobold_check(body or p.GenkeyRequest(genkey=genkey), client_of(request))
 
     @app.get("/api/extra/generate/check", dependencies=deps)
-    def check_get(genkey: str | None = Query(None)):
-        return service.kobold_check(p.GenkeyRequest(genkey=genkey))
+    def check_get(request: Request, genkey: str | None = Query(None)):
+        return service.kobold_check(p.GenkeyRequest(genkey=genkey), client_of(request))
 
     @app.post("/api/extra/tokencount", dependencies=deps)
     def tokencount(body: p.TokenCountRequest | None = None):
         return service.kobold_tokencount(body or p.TokenCountRequest())
 
     app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_origin_regex=LOOPBACK_ORIGIN,
-                       allow_methods=["*"], allow_headers=["*"], max_age=600)
+                       allow_methods=["*"], allow_headers=["*"], expose_headers=[FITTED_HEADER], max_age=600)
     app.add_middleware(Guard, bound_host=bound_host, allowed_origins=list(config.allowed_origins))
     return app
 

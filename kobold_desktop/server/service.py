@@ -55,10 +55,12 @@ class Adapter:
 
 @dataclass
 class Generation:
-    """A KoboldAI generation running now: its streams, and the text so far (for check)."""
+    """A generation running now, on any route: its streams, who asked (for an abort without a
+    genkey), and the text so far (KoboldCpp's check)."""
 
     key: str
     streams: list[RequestStream]
+    client: str = ""
     text: list[str] = field(default_factory=list)
 
     def cancel(self) -> None:
@@ -71,9 +73,10 @@ class EventStream:
     HTTP layer calls it when the client goes away)."""
 
     def __init__(self, events: Iterator[str], streams: list[RequestStream], done: Callable[[], None] = lambda: None,
-                 dialect: str = "openai"):
+                 dialect: str = "openai", fitted: list[str] | None = None):
         self._events, self._streams, self._done = events, streams, done
         self.dialect = dialect
+        self.fitted = fitted or []  # what was clamped or trimmed to fit the model (a response header)
 
     def error_event(self, error: "ApiError") -> str:
         """The stream's last event when it fails after the headers went out (a 200 is sent
@@ -107,6 +110,7 @@ class Service:
         self.kobold_softprompt: str | None = None  # KoboldAI's "current soft prompt"
         self.generations: dict[str, Generation] = {}  # KoboldAI generations running now, by genkey
         self._lock = threading.Lock()
+        self._from_library: set[str] = set()  # adapters served from the library at start (outside the limit)
         self._noted: set[tuple[str, str]] = set()  # (client, field) already logged as not applied
         self.unknown_seen: set[str] = set()
         self.model_id = engine.loaded.info.name
@@ -119,6 +123,11 @@ class Service:
             except ApiError as exc:
                 raise ServeConfigError(f"prompt adapter '{name}': {exc.message}") from exc
             self.start_paths.add(adapter_path(adapter.source))
+        for name, source in config.library_adapters.items():
+            try:
+                self.add_adapter(name, source, trusted=True, counted=False)
+            except ApiError as exc:
+                LOG.warning("soft prompt '%s' (%s) is not served: %s", name, source, exc.message)
         if self.scheduler is None:
             self.scheduler = BatchScheduler(engine, max_batch=config.max_batch)
 
@@ -161,7 +170,9 @@ class Service:
 
         return self.engine.prepare(path, allow=allow)
 
-    def add_adapter(self, name: str, source: str, trusted: bool = False) -> Adapter:
+    def add_adapter(self, name: str, source: str, trusted: bool = False, counted: bool = True) -> Adapter:
+        """Serve a soft prompt (or mixture) as the model `name`. `counted=False`: one of the
+        library's, served at start beside the ones named by hand, outside max_prompt_adapters."""
         if not self.config.enable_prompt_adapter:
             raise ApiError(400, "soft prompts (prompt adapters) are disabled on this server.")
         if not name or name == self.model_id:
@@ -182,12 +193,22 @@ class Service:
             raise ApiError(400, f"{softprompt.n_tokens} tokens is more than max_prompt_adapter_token "
                                 f"({self.config.max_prompt_adapter_token}).", param="path")
         with self._lock:
-            if name not in self.adapters and len(self.adapters) >= self.config.max_prompt_adapters:
+            if counted and name not in self.adapters and len(set(self.adapters) - self._from_library) >= \
+                    self.config.max_prompt_adapters:
                 raise ApiError(400, f"already serving max_prompt_adapters ({self.config.max_prompt_adapters}) soft "
                                     "prompts; unload one first.")
             adapter = Adapter(name, softprompt, source)
+            if counted:
+                self._from_library.discard(name)
+            else:
+                self._from_library.add(name)
             self.adapters[name] = adapter
         return adapter
+
+    def _chosen(self, name: str | None) -> Active | None:
+        """The soft prompt a request asks for by model name; none named: the server's current
+        one (KoboldAI's PUT /api/v1/config/soft_prompt), as KoboldCpp does for every route."""
+        return self._model(name if name else self.kobold_softprompt)
 
     def _model(self, name: str | None) -> Active | None:
         if not name or name == self.model_id:
@@ -236,6 +257,7 @@ class Service:
                 raise ApiError(404, f"no soft prompt named `{body.name}` is loaded.", param="name",
                                code="model_not_found")
             del self.adapters[body.name]
+            self._from_library.discard(body.name)
         if self.kobold_softprompt == body.name:
             self.kobold_softprompt = None
         return {"status": "unloaded", "name": body.name}
@@ -272,14 +294,42 @@ class Service:
             raise ApiError(422 if param == "tokens" else 400, f"token id {bad} is not in this model's vocabulary "
                                                               f"(ids 0 to {vocab - 1}).", param=param)
 
-    def _fits(self, ids: list[int], softprompt: Active | None, max_tokens: int) -> None:
-        try:
-            self.engine.loaded.check_fits(len(ids), softprompt, max_tokens)
-        except ContextOverflow as exc:
-            raise ApiError(400, f"This model's maximum context length is {exc.context} tokens. However, you "
-                                f"requested {exc.total} tokens ({exc.prompt} in the prompt, {exc.softprompt} in the "
-                                f"soft prompt, {exc.new_tokens} for the completion).", param="prompt",
-                           code="context_length_exceeded") from exc
+    # At least this share of the context stays for the prompt when a client asks for more new
+    # tokens than fit (KoboldCpp keeps a fifth).
+    PROMPT_SHARE = 5
+
+    def _fit(self, ids: list[int], softprompt: Active | None, settings: SamplingSettings,
+             max_context: int | None = None, memory: list[int] | None = None) -> tuple[list[int], SamplingSettings, list[str]]:
+        """Fit a request to the model as KoboldCpp does: the context clamped to the model's,
+        max tokens shortened to leave the prompt room, the prompt's start trimmed (whole
+        characters; the memory and the soft prompt always kept). Returns the prompt (memory
+        first), the settings and what was changed; refuses only what cannot fit at all."""
+        memory = memory or []
+        model_context = self.engine.context_length
+        context = min(max_context, model_context) if max_context else model_context
+        notes = [f"context {context} (asked {max_context})"] if max_context and max_context > model_context else []
+        n_soft = softprompt.n_tokens if softprompt else 0
+        usable = context - n_soft - len(memory)
+        if usable < 2:
+            raise ApiError(400, f"the soft prompt ({n_soft} tokens) and the memory ({len(memory)}) leave no room in a "
+                                f"context of {context} tokens.", param="prompt", code="context_length_exceeded")
+        most = max(1, usable - max(1, (context - n_soft) // self.PROMPT_SHARE))
+        if settings.max_new_tokens > most:
+            notes.append(f"max tokens {most} (asked {settings.max_new_tokens})")
+            settings = settings.with_changes(max_new_tokens=most)
+        room = usable - settings.max_new_tokens
+        if len(ids) > room:
+            tokenizer = self.engine.loaded.tokenizer
+            bos = getattr(tokenizer, "bos_token_id", None)
+            lead = [bos] if bos is not None and ids and ids[0] == bos and not memory else []
+            kept = ids[len(ids) - (room - len(lead)):]
+            while kept and tokenizer.decode(kept[:1]).startswith("\ufffd"):
+                kept = kept[1:]  # never start inside a character
+            notes.append(f"prompt trimmed by {len(ids) - len(lead) - len(kept)} tokens at its start")
+            ids = lead + kept
+        if notes:
+            LOG.info("fitted a request to the model: %s", "; ".join(notes))
+        return memory + ids, settings, notes
 
     def _settings(self, body: p.Sampling | p.KoboldGenerateRequest, *args: int) -> SamplingSettings:
         try:
@@ -344,37 +394,53 @@ class Service:
         completion = sum(r.generated_tokens for r in results)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def completions(self, body: p.CompletionRequest) -> dict[str, Any] | EventStream:
-        softprompt = self._model(body.model)
-        prompts = self._prompt_ids(body.prompt)
+    def _register(self, streams: list[RequestStream], client: str, key: str | None = None) -> Generation:
+        generation = Generation(key or uuid.uuid4().hex, streams, client)
+        with self._lock:
+            self.generations[generation.key] = generation
+        return generation
+
+    def completions(self, body: p.CompletionRequest, client: str = "") -> dict[str, Any] | EventStream:
+        softprompt = self._chosen(body.model)
         settings = self._settings(body, body.new_tokens)
-        for ids in prompts:
-            self._fits(ids, softprompt, settings.max_new_tokens)
+        prompts, notes = [], []
+        for ids in self._prompt_ids(body.prompt):
+            ids, fitted, changed = self._fit(ids, softprompt, settings)
+            prompts.append(ids)
+            notes += [n for n in changed if n not in notes]
+        settings = fitted
         streams = self._submit(prompts, softprompt, settings, body.n)
+        generation = self._register(streams, client)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model or self.model_id}
         if body.stream:
-            def chunk(index: int, text: str, finish: str | None) -> str:
+            def chunk(index: int, text: str, finish: str | None, first: bool) -> str:
                 return json.dumps({**meta, "choices": [{"index": index, "text": text, "logprobs": None,
                                                         "finish_reason": finish}]})
 
-            return EventStream(self._openai_events(streams, chunk), streams)
-        results = [s.result() for s in streams]
+            return EventStream(self._openai_events(streams, chunk), streams, lambda: self._end(generation),
+                               fitted=notes)
+        try:
+            results = [s.result() for s in streams]
+        finally:
+            self._end(generation)
         return {**meta, "choices": [{"index": i, "text": r.text, "logprobs": None,
                                      "finish_reason": r.finish_reason.openai} for i, r in enumerate(results)],
-                "usage": self._usage(results)}
+                "usage": self._usage(results), **({"fitted": notes} if notes else {})}
 
     def _openai_events(self, streams: list[RequestStream], render) -> Iterator[str]:
         for index, stream in enumerate(streams):
+            first = True
             for event in stream:
                 if isinstance(event, TextChunk):
-                    yield f"data: {render(index, event.text, None)}\n\n"
+                    yield f"data: {render(index, event.text, None, first)}\n\n"
                 else:
-                    yield f"data: {render(index, '', event.finish_reason.openai)}\n\n"
+                    yield f"data: {render(index, '', event.finish_reason.openai, first)}\n\n"
+                first = False
         yield "data: [DONE]\n\n"
 
-    def chat_completions(self, body: p.ChatCompletionRequest) -> dict[str, Any] | EventStream:
-        softprompt = self._model(body.model)
+    def chat_completions(self, body: p.ChatCompletionRequest, client: str = "") -> dict[str, Any] | EventStream:
+        softprompt = self._chosen(body.model)
         tokenizer = self.engine.loaded.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions.")
@@ -384,22 +450,28 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - a template error is the request's fault
             raise ApiError(400, f"the chat template failed: {exc}", param="messages") from exc
         ids = self._encode(text, add_special_tokens=False)
-        settings = self._settings(body, body.new_tokens)
-        self._fits(ids, softprompt, settings.max_new_tokens)
+        ids, settings, notes = self._fit(ids, softprompt, self._settings(body, body.new_tokens))
         streams = self._submit([ids], softprompt, settings, body.n)
+        generation = self._register(streams, client)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or self.model_id}
         if body.stream:
-            def chunk(index: int, text: str, finish: str | None) -> str:
-                delta = {"content": text} if text else {}
+            def chunk(index: int, text: str, finish: str | None, first: bool) -> str:
+                delta = {"role": "assistant"} if first else {}  # OpenAI's first chunk names the role
+                if text or first:
+                    delta["content"] = text
                 return json.dumps({**meta, "object": "chat.completion.chunk",
                                    "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
 
-            return EventStream(self._openai_events(streams, chunk), streams)
-        results = [s.result() for s in streams]
+            return EventStream(self._openai_events(streams, chunk), streams, lambda: self._end(generation),
+                               fitted=notes)
+        try:
+            results = [s.result() for s in streams]
+        finally:
+            self._end(generation)
         return {**meta, "object": "chat.completion", "choices": [
             {"index": i, "message": {"role": "assistant", "content": r.text},
              "finish_reason": r.finish_reason.openai} for i, r in enumerate(results)],
-            "usage": self._usage(results)}
+            "usage": self._usage(results), **({"fitted": notes} if notes else {})}
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -447,29 +519,21 @@ class Service:
         self.kobold_softprompt = body.value or None
         return {}
 
-    def _kobold_start(self, body: p.KoboldGenerateRequest) -> Generation:
-        name = body.soft_prompt or self.kobold_softprompt
-        softprompt = self._model(name) if name else None
-        settings = self._settings(body)
+    def _kobold_start(self, body: p.KoboldGenerateRequest, client: str = "") -> tuple[Generation, list[str]]:
+        softprompt = self._chosen(body.soft_prompt)
         memory = self._encode(body.memory) if body.memory else []
         ids = self._encode(body.prompt, add_special_tokens=not memory)
-        room = self.engine.loaded.room(softprompt, settings.max_new_tokens, body.max_context_length) - len(memory)
-        if room < 1:
-            raise ApiError(400, "max_context_length leaves no room for the prompt after max_length, the memory "
-                                "and the soft prompt.")
-        ids = memory + ids[-room:]  # front ends send the whole story: keep its end, and the memory whole
-        generation = Generation(body.genkey or uuid.uuid4().hex, self._submit([ids], softprompt, settings, 1))
-        with self._lock:
-            self.generations[generation.key] = generation
-        return generation
+        # front ends send the whole story: keep its end, and the memory whole
+        ids, settings, notes = self._fit(ids, softprompt, self._settings(body), body.max_context_length, memory)
+        return self._register(self._submit([ids], softprompt, settings, 1), client, body.genkey), notes
 
-    def _kobold_end(self, generation: Generation) -> None:
+    def _end(self, generation: Generation) -> None:
         with self._lock:
             if self.generations.get(generation.key) is generation:
                 del self.generations[generation.key]
 
-    def kobold_generate(self, body: p.KoboldGenerateRequest) -> dict[str, Any]:
-        generation = self._kobold_start(body)
+    def kobold_generate(self, body: p.KoboldGenerateRequest, client: str = "") -> dict[str, Any]:
+        generation, notes = self._kobold_start(body, client)
         try:
             for event in generation.streams[0]:
                 if isinstance(event, TextChunk):
@@ -477,15 +541,16 @@ class Service:
                 else:
                     return {"results": [{"text": event.text, "finish_reason": event.finish_reason.openai,
                                          "prompt_tokens": event.prompt_tokens + event.softprompt_tokens,
-                                         "completion_tokens": event.generated_tokens}]}
+                                         "completion_tokens": event.generated_tokens}],
+                            **({"fitted": notes} if notes else {})}
         finally:
-            self._kobold_end(generation)
+            self._end(generation)
         raise ApiError(500, "the generation ended without a result.", kind="server_error")
 
-    def kobold_generate_stream(self, body: p.KoboldGenerateRequest) -> EventStream:
+    def kobold_generate_stream(self, body: p.KoboldGenerateRequest, client: str = "") -> EventStream:
         """KoboldCpp's stream: `event: message` and `data: {"token", "finish_reason"}` per
         chunk, the last with the finish reason; the stream ends by closing (no [DONE])."""
-        generation = self._kobold_start(body)
+        generation, notes = self._kobold_start(body, client)
 
         def events() -> Iterator[str]:
             for event in generation.streams[0]:
@@ -496,26 +561,31 @@ class Service:
                     data = {"token": "", "finish_reason": event.finish_reason.openai}
                 yield f"event: message\ndata: {json.dumps(data)}\n\n"
 
-        return EventStream(events(), generation.streams, lambda: self._kobold_end(generation), dialect="kobold")
+        return EventStream(events(), generation.streams, lambda: self._end(generation), dialect="kobold",
+                           fitted=notes)
 
-    def _generation_for(self, genkey: str | None) -> Generation | None:
+    def _generation_for(self, genkey: str | None, client: str = "") -> Generation | None:
+        """The generation named by `genkey`; without one, the caller's own if it has one
+        running, else the one running if only one runs (never another client's choice)."""
         with self._lock:
             if genkey:
                 return self.generations.get(genkey)
-            if len(self.generations) == 1:  # only one runs: it is the one meant
+            own = [g for g in self.generations.values() if client and g.client == client]
+            if len(own) == 1:
+                return own[0]
+            if len(self.generations) == 1:
                 return next(iter(self.generations.values()))
         return None
 
-    def kobold_abort(self, body: p.GenkeyRequest) -> dict[str, Any]:
-        """Stop the generation named by `genkey`; without one, the generation running, if
-        only one runs (never other clients' work)."""
-        generation = self._generation_for(body.genkey)
+    def kobold_abort(self, body: p.GenkeyRequest, client: str = "") -> dict[str, Any]:
+        """Stop a generation on any route, streams included (see `_generation_for`)."""
+        generation = self._generation_for(body.genkey, client)
         if generation is not None:
             generation.cancel()
         return {"success": "true" if generation else "false", "done": "true"}
 
-    def kobold_check(self, body: p.GenkeyRequest) -> dict[str, Any]:
-        generation = self._generation_for(body.genkey)
+    def kobold_check(self, body: p.GenkeyRequest, client: str = "") -> dict[str, Any]:
+        generation = self._generation_for(body.genkey, client)
         return {"results": [{"text": "".join(generation.text) if generation else ""}]}
 
 

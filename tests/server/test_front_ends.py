@@ -105,14 +105,22 @@ def test_the_openai_client(server, server_engine, adapter_files):
 # -- safe by default -------------------------------------------------------------------------
 
 
-def test_a_web_page_on_another_site_cannot_call_or_read(client):
+def test_a_web_page_on_another_site_cannot_call_and_reads_only_why(client, server):
+    """Its request is refused before any route runs; the refusal carries CORS headers for
+    that page (its preflight is answered too), so the page can show our message instead of
+    "failed to connect"."""
     evil = {"Origin": "https://evil.example"}
-    status, body = client.call("POST", "/api/extra/abort", {}, headers={**evil, "Content-Type": "text/plain"})
-    assert status == 403 and "not allowed" in body["error"]["message"]
+    response = client.raw("POST", "/api/extra/abort", {}, headers={**evil, "Content-Type": "text/plain"})
+    body = json.loads(response.read())
+    assert response.status == 403 and "not allowed" in body["error"]["message"]
+    assert response.getheader("Access-Control-Allow-Origin") == "https://evil.example"
     preflight = client.raw("OPTIONS", "/v1/completions", None, headers={
         **evil, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
     preflight.read()
-    assert preflight.status == 403 and preflight.getheader("Access-Control-Allow-Origin") is None
+    assert preflight.status == 204 and preflight.getheader("Access-Control-Allow-Origin") == "https://evil.example"
+    response = client.raw("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2},
+                          headers={**evil, "Content-Type": "application/json"})
+    assert response.status == 403 and b"not allowed" in response.read()
     response = client.raw("GET", "/v1/models", None, headers={"Origin": "http://localhost:5173"})
     response.read()
     assert response.status == 200 and response.getheader("Access-Control-Allow-Origin") == "http://localhost:5173"
