@@ -121,17 +121,20 @@ class LoadedModel:
 
     def new_request(self, prompt_ids: Sequence[int], active: Any, settings: SamplingSettings,
                     sink: Sink | None = None, cancel: threading.Event | None = None, *,
-                    generator: torch.Generator | None = None) -> Request:
+                    generator: torch.Generator | None = None, logprobs: int | None = None) -> Request:
         """The core's request for a prompt under a soft prompt, a mixture, or neither,
         with this model's tokenizer and EOS tokens. Raises `ContextOverflow` when the
         prompt, the soft prompt and the tokens to generate do not fit the context."""
         self.check_fits(len(prompt_ids), active, settings.max_new_tokens)
         settings.check_vocab(len(self.tokenizer))
         if active is None:
-            return Row(prompt_ids, None, settings, sink, cancel, tokenizer=self.tokenizer, eos=self.eos_ids,
-                       generator=generator)
-        return active.request(prompt_ids, settings, sink, cancel, tokenizer=self.tokenizer, eos=self.eos_ids,
-                              generator=generator)
+            request = Row(prompt_ids, None, settings, sink, cancel, tokenizer=self.tokenizer, eos=self.eos_ids,
+                          generator=generator)
+        else:
+            request = active.request(prompt_ids, settings, sink, cancel, tokenizer=self.tokenizer, eos=self.eos_ids,
+                                     generator=generator)
+        request.want_logprobs(logprobs)
+        return request
 
     def require_transformers(self, what: str) -> None:
         """Tuning and ranking need gradients or a full forward pass: transformers only."""

@@ -122,6 +122,7 @@ class MixedSequence(Request):
             self._logprobs = torch.cat([torch.log_softmax(row.logits.float(), dim=-1) for row in self.rows])
             scores = mix(self.log_weights, self._logprobs)[None]
         self.mixed = scores
+        self._keep_distribution(scores)
         self._picked = self.chain.pick(self.history, scores, self.generator_for(scores.device), self.banned_here())
         return self._picked
 

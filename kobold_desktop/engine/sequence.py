@@ -66,6 +66,9 @@ class GenerationResult:
     cached_tokens: int = 0  # positions (soft prompt rows included) taken from an earlier sequence's cache
     first_token_seconds: float | None = None  # from the request to its first token
     mixture_weights: tuple[float, ...] | None = None  # a mixture's member weights at the end
+    # With logprobs asked for: per generated token (id, log-probability, the top alternatives
+    # as (id, log-probability)), from the model's distribution before the samplers.
+    logprobs: tuple["TokenLogprob", ...] | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -80,6 +83,13 @@ class GenerationResult:
             "generated_tokens": self.generated_tokens,
             "seconds": round(self.seconds, 4),
         }
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 StreamEvent = Union[TextChunk, GenerationResult]
@@ -144,6 +154,7 @@ class Continuation:
         self._cancel = cancel
         self._pieces: list[str] = []
         self.generated: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None  # set to a list when asked for
         self.finish_reason: str | None = None
 
     def cancelled(self) -> bool:
@@ -188,6 +199,8 @@ class Continuation:
             return
         self.position_bans.setdefault(k, set()).add(self.generated[k])
         self.generated = self.generated[:k]
+        if self.logprobs is not None:
+            del self.logprobs[k:]
         self._ends = self._ends[:k]
         self._pending = self._pending[:keep_text]
         self._detokenizer = IncrementalDetokenizer(self._tokenizer, self._prompt_ids + self.generated)
@@ -241,6 +254,7 @@ class Continuation:
             token_ids=tuple(self.generated),
             cached_tokens=self.cached_tokens,
             first_token_seconds=None if self.first_token_at is None else self.first_token_at - self.start,
+            logprobs=None if self.logprobs is None else tuple(self.logprobs[: len(self.generated)]),
         )
 
 
@@ -265,6 +279,8 @@ class Request(abc.ABC):
         self._generator = generator
         self.done = False
         self.group: object = self  # whose fair share of a batch it counts in (the server's n copies share one)
+        self.top_logprobs: int | None = None  # report each token's log-probability and this many alternatives
+        self._distribution: torch.Tensor | None = None  # [vocab] log-probabilities at the last pick
 
     def generator_for(self, device: torch.device) -> torch.Generator | None:
         """The private generator, on the device where the draw happens (seeded runs are
@@ -307,8 +323,27 @@ class Request(abc.ABC):
     def _result(self, result: GenerationResult) -> GenerationResult:
         return result
 
+    def want_logprobs(self, top: int | None) -> None:
+        """Report log-probabilities (and `top` alternatives) for every generated token."""
+        self.top_logprobs = top
+        if self.text is not None and top is not None:
+            self.text.logprobs = []
+
+    def _keep_distribution(self, scores: torch.Tensor) -> None:
+        """At a pick: the distribution to report the chosen token's log-probability from."""
+        if self.top_logprobs is not None:
+            self._distribution = torch.log_softmax(scores.float()[0], dim=-1)
+
     def feed(self, token: int) -> bool:
         """The chosen token: its text goes to the sink. True when the request is over."""
+        if self._distribution is not None and self.text is not None and self.text.logprobs is not None \
+                and token not in self.text._eos:
+            dist, top = self._distribution, []
+            if self.top_logprobs:
+                values, ids = torch.topk(dist, min(self.top_logprobs, dist.shape[0]))
+                top = list(zip(ids.tolist(), values.tolist()))
+            self.text.logprobs = self.text.logprobs[: len(self.text.generated)]
+            self.text.logprobs.append(TokenLogprob(token, float(dist[token]), tuple(top)))
         for chunk in self.text.feed(token):
             self.sink(self._chunk(chunk))
         return self.text.finish_reason is not None
@@ -375,6 +410,7 @@ class Sequence(Request):
 
     def pick(self) -> torch.Tensor:
         """The next token id as a [1] tensor on the logits' device."""
+        self._keep_distribution(self.logits)
         return self.chain.pick(self.history, self.logits, self.generator_for(self.logits.device), self.banned_here())
 
     def reset(self, prompt_ids: Seq[int]) -> None:

@@ -357,6 +357,20 @@ def create_app(service: Service, bound_host: str = "127.0.0.1") -> FastAPI:
         service.note_fields(client_of(request), "/api/v1/generate", body)
         return respond(service.kobold_generate(body, client_of(request)))
 
+    @app.post("/api/extra/tokenize", dependencies=deps)
+    def kobold_tokenize(body: p.TokenCountRequest | None = None):
+        return service.kobold_tokenize(body or p.TokenCountRequest())
+
+    @app.post("/api/extra/detokenize", dependencies=deps)
+    def kobold_detokenize(body: p.KoboldDetokenizeRequest | None = None):
+        return service.kobold_detokenize(body or p.KoboldDetokenizeRequest())
+
+    app.get("/api/extra/perf", dependencies=deps)(service.kobold_perf)
+
+    @app.post("/api/extra/last_logprobs", dependencies=deps)
+    def last_logprobs(request: Request, body: p.GenkeyRequest | None = None):
+        return service.kobold_last_logprobs(body or p.GenkeyRequest(), client_of(request))
+
     @app.get("/api/extra/sampling", dependencies=deps)
     def sampling():
         """Every sampler field each route applies, the fields it accepts without applying

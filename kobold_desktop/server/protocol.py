@@ -115,8 +115,7 @@ NOT_APPLIED: dict[str, str] = {
     "render_special": "special tokens are always skipped in text",
     "trim_stop": "stop sequences are always trimmed",
     "include_stop_str_in_output": "stop sequences are always trimmed",
-    "logprobs": "log-probabilities are not returned yet",
-    "n_probs": "log-probabilities are not returned yet",
+    "n_probs": "log-probabilities are asked for with logprobs",
     "best_of": "best-of is not offered (n is)",
     "truncation_length": "the server's own context length applies",
     "num_ctx": "the server's own context length applies",
@@ -312,6 +311,12 @@ class CompletionRequest(Sampling):
     model: str | None = None
     prompt: Union[str, list[str], list[Annotated[int, Field(ge=0, lt=1 << 31)]]] = ""
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] = 16
+    logprobs: Annotated[int | None, Field(ge=0, le=20)] = None  # OpenAI: the chosen token's and this many others
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _no_bool(cls, value):
+        return None if value is False else value  # some clients send false for none
 
     @property
     def new_tokens(self) -> int:
@@ -328,6 +333,8 @@ class ChatCompletionRequest(Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
     max_completion_tokens: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] = 0
 
     @property
     def new_tokens(self) -> int:
@@ -355,6 +362,7 @@ class KoboldGenerateRequest(Samplers):
     stopping_strings: Stops = ()  # SillyTavern's name in its text-completion mode
     soft_prompt: str | None = None
     genkey: str | None = None  # KoboldCpp: names this generation for check and abort
+    logprobs: bool = False  # KoboldCpp: each token's log-probability and its top alternatives
 
     @field_validator("stop_sequence", "stopping_strings", mode="before")
     @classmethod
@@ -391,6 +399,10 @@ class PutSoftPromptRequest(Body):
 
 class TokenCountRequest(Body):
     prompt: str = ""
+
+
+class KoboldDetokenizeRequest(Body):
+    ids: list[Annotated[int, Field(ge=0, lt=1 << 31)]] = []
 
 
 class TokenizeRequest(Body):

@@ -83,9 +83,10 @@ class Scheduler(Protocol):
     server (`server.vllm.VllmScheduler`). Every route goes through `submit`."""
 
     supports_mixtures: bool  # mixtures run their members side by side: the local model only
+    supports_logprobs: bool  # each token's log-probability and alternatives
 
     def submit(self, prompt_ids: Seq[int], softprompt: Active | None, settings: SamplingSettings,
-               group: object = None) -> "RequestStream":
+               group: object = None, logprobs: int | None = None) -> "RequestStream":
         """Queue a request; raise a `KoboldError` at once for one that cannot run."""
 
     def stop(self) -> None:
@@ -94,6 +95,7 @@ class Scheduler(Protocol):
 
 class BatchScheduler:
     supports_mixtures = True
+    supports_logprobs = True
 
     def __init__(self, engine: Engine, max_batch: int = 16, on_step: Callable[[int], None] | None = None):
         self.engine = engine
@@ -104,11 +106,12 @@ class BatchScheduler:
         self._thread.start()
 
     def submit(self, prompt_ids: Seq[int], softprompt: Active | None,
-               settings: SamplingSettings, group: object = None) -> RequestStream:
+               settings: SamplingSettings, group: object = None, logprobs: int | None = None) -> RequestStream:
         """Queue a request; raises `ModelError` at once for one that cannot run. Requests
         with the same `group` (the n copies of one client request) share its fair share."""
         stream = RequestStream(threading.Event())
-        seq = self.engine.loaded.new_request(prompt_ids, softprompt, settings, stream.put, stream.cancel)
+        seq = self.engine.loaded.new_request(prompt_ids, softprompt, settings, stream.put, stream.cancel,
+                                             logprobs=logprobs)
         if group is not None:
             seq.group = group
         self._queue.put(seq)

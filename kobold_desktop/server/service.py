@@ -33,6 +33,7 @@ KOBOLD_API_VERSION = "1.2.5"
 # What KoboldCpp's /api/extra/version reports: SillyTavern and KoboldAI Lite unlock
 # streaming, token counting and min-p by comparing `result` and `version`.
 KOBOLDCPP_VERSION = "1.80.0"
+KOBOLD_TOP_LOGPROBS = 5  # alternatives per token when a KoboldCpp client asks for logprobs
 DEFAULT_MAX_LENGTH = 512
 
 
@@ -111,6 +112,10 @@ class Service:
         self.generations: dict[str, Generation] = {}  # KoboldAI generations running now, by genkey
         self._lock = threading.Lock()
         self._from_library: set[str] = set()  # adapters served from the library at start (outside the limit)
+        self.started_at = time.time()
+        self.perf: dict[str, Any] = {"last_process": 0.0, "last_eval": 0.0, "last_token_count": 0,
+                                     "last_input_count": 0, "last_seed": -1, "total_gens": 0, "stop_reason": -1}
+        self.last_logprobs: dict[str, Any] = {}
         self._noted: set[tuple[str, str]] = set()  # (client, field) already logged as not applied
         self.unknown_seen: set[str] = set()
         self.model_id = engine.loaded.info.name
@@ -366,8 +371,11 @@ class Service:
                 "unknown_seen": sorted(self.unknown_seen),
                 "sampler_order_default": list(DEFAULT_SAMPLER_ORDER)}
 
-    def _submit(self, prompts: list[list[int]], softprompt, settings, n: int) -> list[RequestStream]:
+    def _submit(self, prompts: list[list[int]], softprompt, settings, n: int,
+                logprobs: int | None = None) -> list[RequestStream]:
         """Queue every request, or none: each is checked before the first joins the batch."""
+        if logprobs is not None and not self.scheduler.supports_logprobs:
+            raise ApiError(422, "log-probabilities are not offered with this backend.", param="logprobs")
         if any(not ids for ids in prompts) and softprompt is None:
             raise ApiError(400, "the prompt is empty, and this model adds no BOS token and has no soft prompt to "
                                 "start from; send some text.", param="prompt")
@@ -378,7 +386,7 @@ class Service:
                 seeded = settings if settings.seed is None or copy == 0 else settings.with_changes(
                     seed=(settings.seed + copy) % SEED_LIMIT)
                 try:
-                    streams.append(self.scheduler.submit(ids, softprompt, seeded, group=group))
+                    streams.append(self.scheduler.submit(ids, softprompt, seeded, group=group, logprobs=logprobs))
                 except KoboldError as exc:
                     for stream in streams:
                         stream.cancel.set()
@@ -387,6 +395,71 @@ class Service:
                     raise ApiError(status, str(exc), kind="server_error" if status >= 500 else
                                    "invalid_request_error") from exc
         return streams
+
+    # -- log-probabilities and KoboldCpp's perf ------------------------------------------------------
+
+    def _token_text(self, token: int) -> str:
+        return self.engine.loaded.tokenizer.decode([token])
+
+    def _openai_logprobs(self, result: GenerationResult) -> dict[str, Any] | None:
+        """OpenAI's completions shape: tokens, their log-probabilities, the top alternatives."""
+        if result.logprobs is None:
+            return None
+        tokens = [self._token_text(t.token) for t in result.logprobs]
+        offsets, at = [], 0
+        for text in tokens:
+            offsets.append(at)
+            at += len(text)
+        def alternatives(top) -> dict[str, float]:
+            found: dict[str, float] = {}
+            for token, logprob in top:  # most likely first: tokens with the same text keep the likeliest
+                found.setdefault(self._token_text(token), logprob)
+            return found
+
+        return {"tokens": tokens, "token_logprobs": [t.logprob for t in result.logprobs],
+                "top_logprobs": [alternatives(t.top) for t in result.logprobs], "text_offset": offsets}
+
+    def _content_logprobs(self, result: GenerationResult) -> dict[str, Any] | None:
+        """The chat shape (OpenAI's chat completions and KoboldCpp's): one entry per token."""
+        if result.logprobs is None:
+            return None
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self._token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                            for t in result.logprobs]}
+
+    def _record(self, result: GenerationResult, client: str = "", genkey: str | None = None) -> None:
+        """What KoboldCpp's /api/extra/perf and /api/extra/last_logprobs report."""
+        with self._lock:
+            self.perf.update(last_process=round(result.first_token_seconds or 0.0, 4),
+                             last_eval=round(result.seconds - (result.first_token_seconds or 0.0), 4),
+                             last_token_count=result.generated_tokens, last_input_count=result.prompt_tokens,
+                             stop_reason=1 if result.finish_reason == "stop" else 0,
+                             total_gens=self.perf["total_gens"] + 1)
+            self.last_logprobs[client] = self.last_logprobs[genkey or ""] = self._content_logprobs(result)
+
+    def kobold_perf(self) -> dict[str, Any]:
+        with self._lock:
+            running = len(self.generations)
+            return {**self.perf, "queue": max(0, running - 1), "idle": int(running == 0),
+                    "uptime": round(time.time() - self.started_at, 1), "hordeexitcounter": 0, "quiet": False}
+
+    def kobold_last_logprobs(self, body: p.GenkeyRequest, client: str = "") -> dict[str, Any]:
+        """The log-probabilities of the last generation that asked for them (by genkey, or the caller's)."""
+        with self._lock:
+            found = self.last_logprobs.get(body.genkey or "") if body.genkey else self.last_logprobs.get(client)
+        return {"logprobs": found or {"content": []}}
+
+    def kobold_tokenize(self, body: p.TokenCountRequest) -> dict[str, Any]:
+        ids = self._encode(body.prompt, add_special_tokens=False)
+        return {"value": len(ids), "ids": ids}
+
+    def kobold_detokenize(self, body: p.KoboldDetokenizeRequest) -> dict[str, Any]:
+        self._check_ids(body.ids, "ids")
+        return {"result": self.engine.loaded.tokenizer.decode(body.ids), "success": True}
 
     @staticmethod
     def _usage(results: list[GenerationResult]) -> dict[str, Any]:
@@ -409,7 +482,7 @@ class Service:
             prompts.append(ids)
             notes += [n for n in changed if n not in notes]
         settings = fitted
-        streams = self._submit(prompts, softprompt, settings, body.n)
+        streams = self._submit(prompts, softprompt, settings, body.n, body.logprobs)
         generation = self._register(streams, client)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model or self.model_id}
@@ -418,23 +491,26 @@ class Service:
                 return json.dumps({**meta, "choices": [{"index": index, "text": text, "logprobs": None,
                                                         "finish_reason": finish}]})
 
-            return EventStream(self._openai_events(streams, chunk), streams, lambda: self._end(generation),
+            return EventStream(self._openai_events(streams, chunk, client), streams, lambda: self._end(generation),
                                fitted=notes)
         try:
             results = [s.result() for s in streams]
         finally:
             self._end(generation)
-        return {**meta, "choices": [{"index": i, "text": r.text, "logprobs": None,
+        for result in results:
+            self._record(result, client)
+        return {**meta, "choices": [{"index": i, "text": r.text, "logprobs": self._openai_logprobs(r),
                                      "finish_reason": r.finish_reason.openai} for i, r in enumerate(results)],
                 "usage": self._usage(results), **({"fitted": notes} if notes else {})}
 
-    def _openai_events(self, streams: list[RequestStream], render) -> Iterator[str]:
+    def _openai_events(self, streams: list[RequestStream], render, client: str = "") -> Iterator[str]:
         for index, stream in enumerate(streams):
             first = True
             for event in stream:
                 if isinstance(event, TextChunk):
                     yield f"data: {render(index, event.text, None, first)}\n\n"
                 else:
+                    self._record(event, client)
                     yield f"data: {render(index, '', event.finish_reason.openai, first)}\n\n"
                 first = False
         yield "data: [DONE]\n\n"
@@ -451,7 +527,7 @@ class Service:
             raise ApiError(400, f"the chat template failed: {exc}", param="messages") from exc
         ids = self._encode(text, add_special_tokens=False)
         ids, settings, notes = self._fit(ids, softprompt, self._settings(body, body.new_tokens))
-        streams = self._submit([ids], softprompt, settings, body.n)
+        streams = self._submit([ids], softprompt, settings, body.n, body.top_logprobs if body.logprobs else None)
         generation = self._register(streams, client)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or self.model_id}
         if body.stream:
@@ -462,14 +538,16 @@ class Service:
                 return json.dumps({**meta, "object": "chat.completion.chunk",
                                    "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
 
-            return EventStream(self._openai_events(streams, chunk), streams, lambda: self._end(generation),
+            return EventStream(self._openai_events(streams, chunk, client), streams, lambda: self._end(generation),
                                fitted=notes)
         try:
             results = [s.result() for s in streams]
         finally:
             self._end(generation)
+        for result in results:
+            self._record(result, client)
         return {**meta, "object": "chat.completion", "choices": [
-            {"index": i, "message": {"role": "assistant", "content": r.text},
+            {"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": self._content_logprobs(r),
              "finish_reason": r.finish_reason.openai} for i, r in enumerate(results)],
             "usage": self._usage(results), **({"fitted": notes} if notes else {})}
 
@@ -525,7 +603,10 @@ class Service:
         ids = self._encode(body.prompt, add_special_tokens=not memory)
         # front ends send the whole story: keep its end, and the memory whole
         ids, settings, notes = self._fit(ids, softprompt, self._settings(body), body.max_context_length, memory)
-        return self._register(self._submit([ids], softprompt, settings, 1), client, body.genkey), notes
+        with self._lock:
+            self.perf["last_seed"] = settings.seed if settings.seed is not None else -1
+        streams = self._submit([ids], softprompt, settings, 1, KOBOLD_TOP_LOGPROBS if body.logprobs else None)
+        return self._register(streams, client, body.genkey), notes
 
     def _end(self, generation: Generation) -> None:
         with self._lock:
@@ -539,9 +620,11 @@ class Service:
                 if isinstance(event, TextChunk):
                     generation.text.append(event.text)
                 else:
+                    self._record(event, client, body.genkey)
+                    logprobs = {"logprobs": self._content_logprobs(event)} if body.logprobs else {}
                     return {"results": [{"text": event.text, "finish_reason": event.finish_reason.openai,
                                          "prompt_tokens": event.prompt_tokens + event.softprompt_tokens,
-                                         "completion_tokens": event.generated_tokens}],
+                                         "completion_tokens": event.generated_tokens, **logprobs}],
                             **({"fitted": notes} if notes else {})}
         finally:
             self._end(generation)
@@ -558,6 +641,7 @@ class Service:
                     generation.text.append(event.text)
                     data = {"token": event.text, "finish_reason": None}
                 else:
+                    self._record(event, client, body.genkey)
                     data = {"token": "", "finish_reason": event.finish_reason.openai}
                 yield f"event: message\ndata: {json.dumps(data)}\n\n"
 

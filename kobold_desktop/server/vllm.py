@@ -31,13 +31,14 @@ class VllmScheduler:
     """Requests sent to vLLM, each on its own thread while its events come back."""
 
     supports_mixtures = False
+    supports_logprobs = False
 
     def __init__(self, engine: Engine, client: VllmClient):
         self.engine = engine
         self.client = client
 
     def submit(self, prompt_ids: Seq[int], softprompt: Active | None,
-               settings: SamplingSettings, group: object = None) -> RequestStream:
+               settings: SamplingSettings, group: object = None, logprobs: int | None = None) -> RequestStream:
         """Send a request to vLLM; raises at once when it cannot run (a mixture, a setting
         vLLM lacks, vLLM unreachable or refusing it)."""
         if isinstance(softprompt, ActiveMixture):

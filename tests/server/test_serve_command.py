@@ -63,3 +63,39 @@ def test_serve_refuses_bad_adapters_with_exit_2(model_dirs, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("colour: blue\n")
     assert main(["serve", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown setting(s) colour" in capsys.readouterr().err
+
+
+def test_serve_offers_the_library_by_default_and_only_the_named_ones_when_asked(model_dirs, tmp_path, monkeypatch):
+    """KoboldAI serves its softprompts folder: with no --prompt-adapters every soft prompt in
+    the library that fits the model is a model; --only-prompt-adapters serves just those named."""
+    from kobold_desktop import paths
+
+    home = tmp_path / "home"
+    monkeypatch.setenv(paths.HOME_ENV, str(home))
+    folder = paths.user_softprompt_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    kobold_zip.write(folder / "Fits.zip", torch.randn(4, 32), Metadata(name="Fits"))
+    kobold_zip.write(folder / "Wide.zip", torch.randn(4, 48), Metadata(name="Wide"))  # another model's width
+    kobold_zip.write(tmp_path / "named.zip", torch.randn(4, 32), Metadata(name="named"))
+
+    def served(*extra):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "kobold_desktop", "serve", str(model_dirs["gpt2"]), "--port",
+                                 str(port), *extra], env={**os.environ, paths.HOME_ENV: str(home)},
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read())
+                    return [m["id"] for m in models["data"]]
+                except OSError:
+                    assert proc.poll() is None and time.time() < deadline
+                    time.sleep(0.3)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+
+    assert served() == ["gpt2", "Fits"]
+    assert served("--prompt-adapters", f"named={tmp_path / 'named.zip'}") == ["gpt2", "named", "Fits"]
+    assert served("--prompt-adapters", f"named={tmp_path / 'named.zip'}", "--only-prompt-adapters") == ["gpt2", "named"]
