@@ -14,6 +14,7 @@ LOCK_TAG := $(PLATFORM)-py$(PYVER)
 APP_LOCK := requirements/app-$(LOCK_TAG).txt
 TORCH_LOCK := requirements/torch-cpu-$(LOCK_TAG).txt
 VLLM_LOCK := requirements/vllm-$(LOCK_TAG).txt
+CLIENTS_LOCK := requirements/clients-$(LOCK_TAG).txt
 LOCKED := --quiet --require-hashes --no-deps -r
 # Empty: the locked CPU build of torch. Set it to use another, e.g. a CUDA build for your GPU:
 # make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -45,6 +46,9 @@ $(STAMP): pyproject.toml Makefile $(wildcard $(APP_LOCK) $(TORCH_LOCK))
 	$(call INSTALL_TORCH,$(PY))
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
+	# Third-party clients the tests drive, without their unused extras (after pip check,
+	# which would list those extras as missing): requirements/clients.in.
+	test ! -f $(CLIENTS_LOCK) || $(PY) -m pip install $(LOCKED) $(CLIENTS_LOCK)
 	$(PY) -m kobold_desktop model get-converter
 	touch $(STAMP)
 
@@ -93,6 +97,7 @@ lock:
 	$(COMPILE) requirements/torch.in -c $(APP_LOCK) -o $(TORCH_LOCK)
 	$(COMPILE) requirements/vllm.in --no-emit-package torch --no-emit-package torchvision \
 		--no-emit-package torchaudio --no-emit-package torchcodec -o $(VLLM_LOCK)
+	$(COMPILE) --no-deps requirements/clients.in -o $(CLIENTS_LOCK)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .venv-lock build dist *.egg-info

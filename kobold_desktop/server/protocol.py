@@ -349,7 +349,7 @@ class KoboldGenerateRequest(Samplers):
     memory: str = ""  # KoboldCpp: goes before the prompt and is never cut to fit (KoboldAI Lite sends it)
     max_length: Annotated[int, Field(ge=1, le=1_000_000)] = 80
     max_context_length: Annotated[int | None, Field(ge=1, le=10_000_000)] = None
-    temperature: Annotated[float, Field(ge=0, le=100)] = 0.7
+    temperature: Annotated[float, Field(ge=0, le=100), _aliases("temperature", "temp")] = 0.7  # temp: old KoboldAI
     top_p: Annotated[float, Field(ge=0, le=1)] = 0.9
     top_k: Annotated[int, Field(ge=-1, le=1_000_000)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
