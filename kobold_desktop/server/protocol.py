@@ -117,6 +117,8 @@ NOT_APPLIED: dict[str, str] = {
     "include_stop_str_in_output": "stop sequences are always trimmed",
     "n_probs": "log-probabilities are asked for with logprobs",
     "best_of": "best-of is not offered (n is)",
+    "use_default_badwordsids": "KoboldCpp's default banned words are not applied (send banned_tokens)",
+    "quiet": "the server's log is its own setting (--verbose)",
     "truncation_length": "the server's own context length applies",
     "num_ctx": "the server's own context length applies",
 }
