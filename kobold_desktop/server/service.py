@@ -486,12 +486,24 @@ class Service:
         generation = self._register(streams, client)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model or self.model_id}
-        if body.stream:
-            def chunk(index: int, text: str, finish: str | None, first: bool) -> str:
-                return json.dumps({**meta, "choices": [{"index": index, "text": text, "logprobs": None,
-                                                        "finish_reason": finish}]})
+        def chunk(index: int, text: str, finish: str | None, first: bool) -> str:
+            return json.dumps({**meta, "choices": [{"index": index, "text": text, "logprobs": None,
+                                                    "finish_reason": finish}]})
 
-            return EventStream(self._openai_events(streams, chunk, client), streams, lambda: self._end(generation),
+        answer = self._openai_answer(streams, generation, client, notes, chunk if body.stream else None)
+        if isinstance(answer, EventStream):
+            return answer
+        results = answer
+        return {**meta, "choices": [{"index": i, "text": r.text, "logprobs": self._openai_logprobs(r),
+                                     "finish_reason": r.finish_reason.openai} for i, r in enumerate(results)],
+                "usage": self._usage(results), **({"fitted": notes} if notes else {})}
+
+    def _openai_answer(self, streams: list[RequestStream], generation: Generation, client: str, notes: list[str],
+                       render=None) -> "EventStream | list[GenerationResult]":
+        """A stream of `render`'s chunks, or (no `render`) every result, recorded for
+        KoboldCpp's perf and logprobs routes."""
+        if render is not None:
+            return EventStream(self._openai_events(streams, render, client), streams, lambda: self._end(generation),
                                fitted=notes)
         try:
             results = [s.result() for s in streams]
@@ -499,9 +511,7 @@ class Service:
             self._end(generation)
         for result in results:
             self._record(result, client)
-        return {**meta, "choices": [{"index": i, "text": r.text, "logprobs": self._openai_logprobs(r),
-                                     "finish_reason": r.finish_reason.openai} for i, r in enumerate(results)],
-                "usage": self._usage(results), **({"fitted": notes} if notes else {})}
+        return results
 
     def _openai_events(self, streams: list[RequestStream], render, client: str = "") -> Iterator[str]:
         for index, stream in enumerate(streams):
@@ -530,22 +540,17 @@ class Service:
         streams = self._submit([ids], softprompt, settings, body.n, body.top_logprobs if body.logprobs else None)
         generation = self._register(streams, client)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or self.model_id}
-        if body.stream:
-            def chunk(index: int, text: str, finish: str | None, first: bool) -> str:
-                delta = {"role": "assistant"} if first else {}  # OpenAI's first chunk names the role
-                if text or first:
-                    delta["content"] = text
-                return json.dumps({**meta, "object": "chat.completion.chunk",
-                                   "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+        def chunk(index: int, text: str, finish: str | None, first: bool) -> str:
+            delta = {"role": "assistant"} if first else {}  # OpenAI's first chunk names the role
+            if text or first:
+                delta["content"] = text
+            return json.dumps({**meta, "object": "chat.completion.chunk",
+                               "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
 
-            return EventStream(self._openai_events(streams, chunk, client), streams, lambda: self._end(generation),
-                               fitted=notes)
-        try:
-            results = [s.result() for s in streams]
-        finally:
-            self._end(generation)
-        for result in results:
-            self._record(result, client)
+        answer = self._openai_answer(streams, generation, client, notes, chunk if body.stream else None)
+        if isinstance(answer, EventStream):
+            return answer
+        results = answer
         return {**meta, "object": "chat.completion", "choices": [
             {"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": self._content_logprobs(r),
              "finish_reason": r.finish_reason.openai} for i, r in enumerate(results)],
