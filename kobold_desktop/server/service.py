@@ -27,6 +27,7 @@ from kobold_desktop.errors import KoboldError
 from kobold_desktop.server import protocol as p
 from kobold_desktop.server.config import ServeConfig, ServeConfigError
 from kobold_desktop.server.scheduler import BatchScheduler, RequestStream, Scheduler
+from kobold_desktop.story.context import trim_in_blocks
 
 LOG = logging.getLogger("kobold_desktop.server")
 KOBOLD_API_VERSION = "1.2.5"
@@ -327,7 +328,9 @@ class Service:
             tokenizer = self.engine.loaded.tokenizer
             bos = getattr(tokenizer, "bos_token_id", None)
             lead = [bos] if bos is not None and ids and ids[0] == bos and not memory else []
-            kept = ids[len(ids) - (room - len(lead)):]
+            # in blocks, as the window trims a story: the start stays put for several turns
+            # of a growing story, so each of them reuses the cache (story/context.py)
+            kept = ids[len(lead) + trim_in_blocks(len(ids) - len(lead), room - len(lead)):]
             while kept and tokenizer.decode(kept[:1]).startswith("\ufffd"):
                 kept = kept[1:]  # never start inside a character
             notes.append(f"prompt trimmed by {len(ids) - len(lead) - len(kept)} tokens at its start")

@@ -7,10 +7,19 @@ The order, front to back (the soft prompt's rows come before all of it):
 The budget is the model's context length minus max new tokens minus the soft prompt's
 tokens. Memory, World Info and the Author's Note always go in; the story fills the
 rest, and its oldest text is dropped first, never in the middle of a character.
+
+Past the context the story is trimmed in blocks (`trim_in_blocks`): what is dropped is a
+whole number of blocks of a quarter of the room, so the kept story starts at the same
+token turn after turn until it has grown by a block, and every one of those turns reuses
+the cache of the turn before (a few tokens' trim each turn would change the start every
+turn and make the model read everything again). Right after a block goes the story fills
+three quarters of the room or more: a quarter is small enough that the model keeps most of
+the story, large enough that a turn of 80 to 100 tokens re-reads once in every few turns.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -18,6 +27,17 @@ from kobold_desktop.errors import KoboldError
 from kobold_desktop.story.document import Story, WorldInfoEntry
 
 REPLACEMENT = "\ufffd"
+BLOCK_SHARE = 0.25  # the story is trimmed in blocks of this share of the room (see above)
+
+
+def trim_in_blocks(total: int, room: int, share: float = BLOCK_SHARE) -> int:
+    """How many of `total` tokens to drop from the front so the rest fits in `room`: a whole
+    number of blocks of `share` of the room (0 or less: exactly the excess)."""
+    excess = total - room
+    if excess <= 0:
+        return 0
+    block = max(1, int(room * share)) if share > 0 else 1
+    return min(total, block * math.ceil(excess / block))
 
 
 class ContextError(KoboldError):
@@ -77,8 +97,9 @@ def _with_newline(text: str) -> str:
     return text if not text or text.endswith("\n") else text + "\n"
 
 
-def build_context(story: Story, tokenizer: Any, budget: int) -> BuiltContext:
-    """Token ids for the model; `budget` is how many prompt tokens fit."""
+def build_context(story: Story, tokenizer: Any, budget: int, block_share: float = BLOCK_SHARE) -> BuiltContext:
+    """Token ids for the model; `budget` is how many prompt tokens fit. `block_share` 0
+    trims exactly what does not fit (the start then moves every turn)."""
     prefix = _leading_special_ids(tokenizer)
     triggered = triggered_world_info(story)
     memory = _encode(tokenizer, _with_newline(story.memory))
@@ -99,8 +120,12 @@ def build_context(story: Story, tokenizer: Any, budget: int) -> BuiltContext:
             f"Memory, World Info and the Author's Note need {fixed} tokens, but only {budget} "
             "fit in the context; shorten them, lower max new tokens, or use a shorter soft prompt."
         )
-    kept_after = after if len(after) <= room else _keep_last(tokenizer, after, room)
-    kept_before = _keep_last(tokenizer, before, room - len(kept_after)) if len(kept_after) == len(after) else []
+    drop = trim_in_blocks(len(before) + len(after), room, block_share)
+    if drop <= len(before):
+        kept_before = _keep_last(tokenizer, before, len(before) - drop) if drop else before
+        kept_after = after
+    else:
+        kept_before, kept_after = [], _keep_last(tokenizer, after, len(before) + len(after) - drop)
     ids = prefix + memory + world_info + kept_before + note_ids + kept_after
     return BuiltContext(
         ids=ids,

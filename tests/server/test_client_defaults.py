@@ -40,7 +40,10 @@ def test_a_prompt_longer_than_the_context_is_trimmed_at_its_start_on_every_route
     bos = server_engine.loaded.tokenizer.bos_token_id
     lead = [bos] if bos is not None and ids[0] == bos else []
     room = 256 - 8
-    want = expected(server_engine, lead + ids[len(ids) - (room - len(lead)):], settings=settings)
+    from kobold_desktop.story.context import trim_in_blocks
+
+    drop = trim_in_blocks(len(ids) - len(lead), room - len(lead))  # in blocks, as the window trims
+    want = expected(server_engine, lead + ids[len(lead) + drop:], settings=settings)
     status, body = client.call("POST", "/v1/completions", {"prompt": long, "max_tokens": 8, "temperature": 0})
     assert status == 200 and body["choices"][0]["text"] == want.text
     assert any("prompt trimmed by" in f for f in body["fitted"])
@@ -49,7 +52,8 @@ def test_a_prompt_longer_than_the_context_is_trimmed_at_its_start_on_every_route
                                                             "temperature": 0, "rep_pen": 1.0})
     memory_ids = server_engine.encode(memory)
     tail = server_engine.encode(long, add_special_tokens=False)
-    want = expected(server_engine, memory_ids + tail[len(tail) - (room - len(memory_ids)):], settings=settings)
+    drop = trim_in_blocks(len(tail), room - len(memory_ids))
+    want = expected(server_engine, memory_ids + tail[drop:], settings=settings)
     assert status == 200 and body["results"][0]["text"] == want.text  # the memory is kept whole
 
 

@@ -1,0 +1,65 @@
+"""Stories longer than the context: trimmed in blocks, the start stays put for several turns,
+so a turn reads only what is new; what the model sees is exactly the prompt it is given."""
+
+import statistics
+
+import pytest
+
+from kobold_desktop.engine import Engine, SamplingSettings
+from kobold_desktop.story import Action, Story, build_context
+from kobold_desktop.story.context import trim_in_blocks
+
+from ..helpers import FLOAT32, greedy_reference
+
+# Turns small against the room, as 100-token turns are against a 2,048-token context.
+TURN = SamplingSettings(max_new_tokens=6, temperature=0, repetition_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dirs):
+    engine = Engine()
+    engine.load(model_dirs["gpt2"], FLOAT32)
+    return engine
+
+
+def test_blocks_are_whole_quarters_of_the_room():
+    assert trim_in_blocks(90, 100) == 0
+    assert trim_in_blocks(101, 100) == 25 and trim_in_blocks(125, 100) == 25 and trim_in_blocks(126, 100) == 50
+    assert trim_in_blocks(101, 100, share=0) == 1  # exactly the excess
+
+
+def play(engine, turns, block_share):
+    """A story written turn by turn past the context (a 256-token model): the positions the
+    model ran each turn, and each turn's prompt."""
+    story = Story(prompt="Once upon a time, in a land of rivers and hills, a knight set out. " * 8)
+    tokenizer = engine.loaded.tokenizer
+    engine.prefix_cache.clear()
+    ran, prompts = [], []
+    for turn in range(turns):
+        story.actions.append(Action(f" Day {turn}.", "user"))
+        built = build_context(story, tokenizer, engine.context_budget(TURN), block_share)
+        result = engine.generate(built.ids, TURN)
+        ran.append(result.prompt_tokens - result.cached_tokens)
+        prompts.append(built.ids)
+        story.actions.append(Action(result.text, "model"))
+    return ran, prompts
+
+
+def test_past_the_context_most_turns_read_only_what_is_new(engine):
+    blocks, prompts = play(engine, 16, block_share=0.25)
+    exact, _ = play(engine, 16, block_share=0)
+    full = len(prompts[-1])
+    assert all(len(p) > engine.context_budget(TURN) * 0.7 for p in prompts[4:])  # past the context
+    assert statistics.median(exact[4:]) > 0.9 * full  # trimmed a little every turn: read everything again
+    assert statistics.median(blocks[4:]) < 0.35 * full  # in blocks: the start stays, the cache is reused
+    starts = {tuple(p[:16]) for p in prompts[4:]}
+    assert len(starts) < len(prompts[4:]) / 2  # the start moved in blocks, not every turn
+
+
+def test_the_model_sees_exactly_the_prompt_it_is_given(engine):
+    """A turn that reused the cache writes what a fresh read of the same prompt writes."""
+    _, prompts = play(engine, 10, block_share=0.25)
+    last = prompts[-1]
+    with_cache = engine.generate(last, TURN).token_ids  # its start is cached from the turn before
+    model = engine.loaded.model
+    assert list(with_cache) == greedy_reference(model, last, TURN.max_new_tokens, eos_id=-1)[: len(with_cache)]
