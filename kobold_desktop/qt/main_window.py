@@ -16,6 +16,7 @@ from kobold_desktop import APP_NAME
 from kobold_desktop.engine import LoadOptions, SamplingSettings
 from kobold_desktop.engine.active import Choice, RemoteModel, SoftPromptStatus
 from kobold_desktop.engine.sequence import FinishReason, GenerationResult
+from kobold_desktop.story.context import turn_report
 from kobold_desktop.errors import KoboldError
 from kobold_desktop.qt._qt import (
     QAction,
@@ -116,6 +117,7 @@ class MainWindow(QMainWindow):
         self.settings = settings
         self.session = StorySession()
         self.state = WindowState()
+        self._last_context = None  # the last turn's BuiltContext (what the status bar reports)
         self.pending_softprompt: Path | None = None
         self.importing = False
         self._boxes: list[QMessageBox] = []
@@ -342,6 +344,7 @@ class MainWindow(QMainWindow):
         w.model_loaded.connect(self.on_model_loaded)
         w.softprompt_changed.connect(self.on_softprompt_changed)
         w.chunk.connect(self.on_chunk)
+        w.context_built.connect(self.on_context_built)
         w.generated.connect(self.on_generation_done)
         w.cancelled.connect(self.on_generation_done)
         # Bound methods of this window, never lambdas: a lambda would run in the
@@ -593,9 +596,17 @@ class MainWindow(QMainWindow):
             self.show_story()
         verb = {FinishReason.CANCELLED: "Stopped", FinishReason.STOP: "Done (stop sequence)",
                 FinishReason.LENGTH: "Done"}[result.finish_reason]
+        report = ""
+        if self._last_context is not None:  # trimmed or not; read from the cache or all again
+            remote = self.state.model is not None and self.state.model.remote
+            report = turn_report(self._last_context, result.prompt_tokens,
+                                 None if remote else result.cached_tokens)
         self.statusBar().showMessage(
             f"{verb}: {result.generated_tokens} tokens in {result.seconds:.1f} s "
-            f"({result.tokens_per_second:.1f} tokens/s)", 10000)
+            f"({result.tokens_per_second:.1f} tokens/s)" + (f"; {report}" if report else ""), 10000)
+
+    def on_context_built(self, built) -> None:
+        self._last_context = built
 
     # -- worker signals -----------------------------------------------------------------------
 

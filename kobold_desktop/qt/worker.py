@@ -42,6 +42,7 @@ class ModelWorker(QObject):
     model_loaded = Signal(object)  # ModelStatus
     softprompt_changed = Signal(object)  # SoftPromptStatus, or None for no soft prompt
     chunk = Signal(str)
+    context_built = Signal(object)  # the BuiltContext of the turn being written (before its first chunk)
     generated = Signal(object)  # GenerationResult that ended by length or stop
     cancelled = Signal(object)  # GenerationResult that the user stopped
     tune_progress = Signal(object)  # TuningProgress
@@ -151,6 +152,7 @@ class ModelWorker(QObject):
             active = self.active
             budget = active.context_budget(settings, context_limit or None)
             built = build_context(story, active.loaded.tokenizer, budget)
+            self.context_built.emit(built)
             result: GenerationResult | None = None
             for event in active.stream(built.ids, settings, self.cancel_event):
                 if isinstance(event, GenerationResult):

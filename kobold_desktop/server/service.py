@@ -468,7 +468,9 @@ class Service:
     def _usage(results: list[GenerationResult]) -> dict[str, Any]:
         prompt = sum(r.prompt_tokens + r.softprompt_tokens for r in results)
         completion = sum(r.generated_tokens for r in results)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(r.cached_tokens for r in results)  # read from the cache of an earlier request, not run again
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _register(self, streams: list[RequestStream], client: str, key: str | None = None) -> Generation:
         generation = Generation(key or uuid.uuid4().hex, streams, client)

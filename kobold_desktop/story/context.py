@@ -136,3 +136,16 @@ def build_context(story: Story, tokenizer: Any, budget: int, block_share: float 
         dropped_story_tokens=len(before) + len(after) - len(kept_before) - len(kept_after),
         triggered=triggered,
     )
+
+
+def turn_report(built: BuiltContext, prompt_tokens: int, cached_tokens: int | None) -> str:
+    """What a turn did with the story, for the status bar: whether it was trimmed and by how
+    much, and how much the model read (the rest came from the cache of the turn before)."""
+    parts = []
+    if built.dropped_story_tokens:
+        parts.append(f"story trimmed by {built.dropped_story_tokens} tokens (in blocks)")
+    if cached_tokens is not None:
+        new = max(0, prompt_tokens - cached_tokens)
+        parts.append(f"read {new} new tokens, {cached_tokens} from the cache" if cached_tokens
+                     else f"read all {prompt_tokens} tokens")
+    return "; ".join(parts)

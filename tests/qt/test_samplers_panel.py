@@ -91,3 +91,12 @@ def test_the_window_writes_with_the_panels_samplers(qtbot, window):
     window.sampler_panel.banned_phrases.setPlainText(phrase)
     again = generate(qtbot, window, lambda: qtbot.mouseClick(window.retry_button, Qt.LeftButton))
     assert phrase.lower() not in again.text.lower()
+
+
+def test_the_status_bar_reports_the_cache_after_a_turn(qtbot, window):
+    window.sampler_panel.max_new_tokens.setValue(4)
+    window.input.setPlainText("Once upon a time")
+    generate(qtbot, window, lambda: qtbot.mouseClick(window.submit_button, Qt.LeftButton))
+    assert "read all" in window.statusBar().currentMessage()
+    generate(qtbot, window, lambda: qtbot.mouseClick(window.more_button, Qt.LeftButton))
+    assert "from the cache" in window.statusBar().currentMessage()  # the next turn read only what is new

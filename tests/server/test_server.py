@@ -33,8 +33,12 @@ def test_completion_with_base_model_and_with_a_softprompt(client, server_engine,
     assert status == 200
     want = expected(server_engine, "The knight rode")
     assert body["choices"][0]["text"] == want.text and body["object"] == "text_completion"
+    cached = body["usage"].pop("prompt_tokens_details")["cached_tokens"]
     assert body["usage"] == {"prompt_tokens": want.prompt_tokens, "completion_tokens": want.generated_tokens,
                              "total_tokens": want.prompt_tokens + want.generated_tokens}
+    assert 0 <= cached < want.prompt_tokens  # OpenAI's field: prompt tokens taken from the cache
+    again = client.call("POST", "/v1/completions", {**BODY, "model": "gpt2"})[1]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == want.prompt_tokens - 1  # all but the last
     status, body = client.call("POST", "/v1/completions", {**BODY, "model": "sea"})
     sea = expected(server_engine, "The knight rode", adapter_files["sea"])
     assert status == 200 and body["choices"][0]["text"] == sea.text != want.text

@@ -63,3 +63,15 @@ def test_the_model_sees_exactly_the_prompt_it_is_given(engine):
     with_cache = engine.generate(last, TURN).token_ids  # its start is cached from the turn before
     model = engine.loaded.model
     assert list(with_cache) == greedy_reference(model, last, TURN.max_new_tokens, eos_id=-1)[: len(with_cache)]
+
+
+def test_the_status_bar_says_what_a_turn_did(engine):
+    from kobold_desktop.story.context import turn_report
+
+    story = Story(prompt="Once upon a time, in a land of rivers and hills, a knight set out. " * 20)
+    built = build_context(story, engine.loaded.tokenizer, engine.context_budget(TURN))
+    assert built.dropped_story_tokens > 0
+    said = turn_report(built, len(built.ids), 150)
+    assert f"story trimmed by {built.dropped_story_tokens} tokens" in said
+    assert f"read {len(built.ids) - 150} new tokens, 150 from the cache" in said
+    assert "read all 200 tokens" in turn_report(build_context(Story(prompt="Hi."), engine.loaded.tokenizer, 100), 200, 0)
