@@ -80,6 +80,15 @@ class WorldInfoEditor(QWidget):
         self.scan_depth = QSpinBox(self, minimum=0, maximum=1000, value=0)
         self.scan_depth.setSpecialValueText("story default")
         self.story_depth = QSpinBox(self, minimum=0, maximum=1000, value=3)
+        placement = ("At the top, with Memory (-1), or before the last N pieces of the story, as the Author's "
+                     "Note. Near the end the model weighs it more, and an entry that comes and goes no longer "
+                     "makes the model read the whole story again; at the top it is background.")
+        self.place = QSpinBox(self, minimum=-1, maximum=1000, value=-1)
+        self.place.setSpecialValueText("at the top")
+        self.place.setToolTip(placement)
+        self.new_place = QSpinBox(self, minimum=-1, maximum=1000, value=-1)
+        self.new_place.setSpecialValueText("at the top")
+        self.new_place.setToolTip("Where new entries go. " + placement)
         add, remove = QPushButton("Add entry", self), QPushButton("Remove", self)
         buttons = QHBoxLayout()
         buttons.addWidget(add)
@@ -89,7 +98,9 @@ class WorldInfoEditor(QWidget):
         form.addRow("Content", self.content)
         form.addRow(self.constant)
         form.addRow("Scan depth", self.scan_depth)
+        form.addRow("Place (pieces from the end)", self.place)
         form.addRow("Default scan depth (pieces)", self.story_depth)
+        form.addRow("New entries go (pieces from the end)", self.new_place)
         layout = QVBoxLayout(self)
         layout.addWidget(self.list, 1)
         layout.addLayout(buttons)
@@ -101,7 +112,9 @@ class WorldInfoEditor(QWidget):
         self.content.textChanged.connect(self._store)
         self.constant.toggled.connect(self._store)
         self.scan_depth.valueChanged.connect(self._store)
+        self.place.valueChanged.connect(self._store)
         self.story_depth.valueChanged.connect(self.changed)
+        self.new_place.valueChanged.connect(self.changed)
         self._loading = False
         self._show(-1)
 
@@ -112,6 +125,7 @@ class WorldInfoEditor(QWidget):
     def load(self, story: Story) -> None:
         self.entries = [WorldInfoEntry(**e.__dict__) for e in story.world_info]
         self.story_depth.setValue(story.world_info_depth)
+        self.new_place.setValue(-1 if story.world_info_new_depth is None else story.world_info_new_depth)
         self.list.clear()
         self.list.addItems([self._label(e) for e in self.entries])
         self._show(self.list.currentRow())
@@ -119,9 +133,10 @@ class WorldInfoEditor(QWidget):
     def apply(self, story: Story) -> None:
         story.world_info = [WorldInfoEntry(**e.__dict__) for e in self.entries]
         story.world_info_depth = self.story_depth.value()
+        story.world_info_new_depth = None if self.new_place.value() < 0 else self.new_place.value()
 
     def add_entry(self) -> None:
-        self.entries.append(WorldInfoEntry())
+        self.entries.append(WorldInfoEntry(depth=None if self.new_place.value() < 0 else self.new_place.value()))
         self.list.addItem(self._label(self.entries[-1]))
         self.list.setCurrentRow(len(self.entries) - 1)
         self.keys.setFocus()
@@ -137,13 +152,14 @@ class WorldInfoEditor(QWidget):
     def _show(self, row: int) -> None:
         self._loading = True
         valid = 0 <= row < len(self.entries)
-        for widget in (self.keys, self.content, self.constant, self.scan_depth):
+        for widget in (self.keys, self.content, self.constant, self.scan_depth, self.place):
             widget.setEnabled(valid)
         entry = self.entries[row] if valid else WorldInfoEntry()
         self.keys.setText(", ".join(entry.keys))
         self.content.setPlainText(entry.content)
         self.constant.setChecked(entry.constant)
         self.scan_depth.setValue(entry.scan_depth or 0)
+        self.place.setValue(-1 if entry.depth is None else entry.depth)
         self._loading = False
 
     def _store(self, *_args) -> None:
@@ -155,6 +171,7 @@ class WorldInfoEditor(QWidget):
         entry.content = self.content.toPlainText()
         entry.constant = self.constant.isChecked()
         entry.scan_depth = self.scan_depth.value() or None
+        entry.depth = None if self.place.value() < 0 else self.place.value()
         self.list.item(row).setText(self._label(entry))
         self.changed.emit()
 

@@ -4,6 +4,12 @@ The order, front to back (the soft prompt's rows come before all of it):
 
     [BOS]  Memory  World Info (triggered)  story ... [Author's Note]  last N pieces
 
+World Info entries with a `depth` go into the story before its last `depth` pieces (with
+the Author's Note when the depths are equal, the entries first) instead of at the top: an
+entry that comes and goes then changes only the end of the prompt, and the turn still
+reuses the cached start. At the top the model takes it as background; near the end it
+weighs it more, as it does the Author's Note.
+
 The budget is the model's context length minus max new tokens minus the soft prompt's
 tokens. Memory, World Info and the Author's Note always go in; the story fills the
 rest, and its oldest text is dropped first, never in the middle of a character.
@@ -103,37 +109,58 @@ def build_context(story: Story, tokenizer: Any, budget: int, block_share: float 
     prefix = _leading_special_ids(tokenizer)
     triggered = triggered_world_info(story)
     memory = _encode(tokenizer, _with_newline(story.memory))
-    world_info = _encode(tokenizer, "".join(_with_newline(e.content) for e in triggered if e.content))
+    top = [e for e in triggered if e.depth is None]
+    world_info = _encode(tokenizer, "".join(_with_newline(e.content) for e in top if e.content))
     note = ""
     if story.authors_note.strip():
         note = "\n" + story.authors_note_template.replace("<|>", story.authors_note) + "\n"
     chunks = story.chunks()
-    split = max(0, len(chunks) - max(0, story.authors_note_depth))
-    before = _encode(tokenizer, "".join(chunks[:split]))
-    after = _encode(tokenizer, "".join(chunks[split:]))
+    # What goes into the story, by how many pieces from its end: World Info placed at a depth,
+    # then the Author's Note.
+    inserts: dict[int, str] = {}
+    for entry in triggered:
+        if entry.depth is not None and entry.content:
+            depth = min(entry.depth, len(chunks))
+            inserts[depth] = inserts.get(depth, "\n") + _with_newline(entry.content)
+    note_depth = min(max(0, story.authors_note_depth), len(chunks))
+    if note:
+        inserts[note_depth] = inserts.get(note_depth, "") + (note if note_depth not in inserts else note.lstrip("\n"))
+    segments: list[tuple[bool, list[int]]] = []  # (part of the story, ids), front to back
+    start = 0
+    for depth in sorted(inserts, reverse=True):
+        split = len(chunks) - depth
+        segments.append((True, _encode(tokenizer, "".join(chunks[start:split]))))
+        segments.append((False, _encode(tokenizer, inserts[depth])))
+        start = split
+    segments.append((True, _encode(tokenizer, "".join(chunks[start:]))))
+    inserted = sum(len(ids) for is_story, ids in segments if not is_story)
     note_ids = _encode(tokenizer, note)
 
-    fixed = len(prefix) + len(memory) + len(world_info) + len(note_ids)
+    fixed = len(prefix) + len(memory) + len(world_info) + inserted
     room = budget - fixed
     if room < 0:
         raise ContextError(
             f"Memory, World Info and the Author's Note need {fixed} tokens, but only {budget} "
             "fit in the context; shorten them, lower max new tokens, or use a shorter soft prompt."
         )
-    drop = trim_in_blocks(len(before) + len(after), room, block_share)
-    if drop <= len(before):
-        kept_before = _keep_last(tokenizer, before, len(before) - drop) if drop else before
-        kept_after = after
-    else:
-        kept_before, kept_after = [], _keep_last(tokenizer, after, len(before) + len(after) - drop)
-    ids = prefix + memory + world_info + kept_before + note_ids + kept_after
+    total = sum(len(ids) for is_story, ids in segments if is_story)
+    drop = trim_in_blocks(total, room, block_share)
+    kept: list[int] = []
+    for is_story, ids in segments:
+        if is_story and drop:
+            gone = min(drop, len(ids))
+            drop -= gone
+            ids = _keep_last(tokenizer, ids, len(ids) - gone) if gone else ids
+        kept += ids
+    ids = prefix + memory + world_info + kept
+    story_tokens = len(kept) - inserted
     return BuiltContext(
         ids=ids,
         memory_tokens=len(memory),
-        world_info_tokens=len(world_info),
+        world_info_tokens=len(world_info) + inserted - len(note_ids),
         authors_note_tokens=len(note_ids),
-        story_tokens=len(kept_before) + len(kept_after),
-        dropped_story_tokens=len(before) + len(after) - len(kept_before) - len(kept_after),
+        story_tokens=story_tokens,
+        dropped_story_tokens=total - story_tokens,
         triggered=triggered,
     )
 

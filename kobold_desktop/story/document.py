@@ -27,6 +27,9 @@ class WorldInfoEntry:
     constant: bool = False
     scan_depth: int | None = None  # actions to search; None uses the story's setting
     comment: str = ""
+    # Where it goes: None at the top with Memory; N before the last N pieces of the story (as
+    # the Author's Note), so that an entry coming and going leaves the cached start alone.
+    depth: int | None = None
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Story:
     authors_note_depth: int = 3  # inserted before the last N pieces of the story
     world_info: list[WorldInfoEntry] = field(default_factory=list)
     world_info_depth: int = 3  # how many recent pieces World Info keys are searched in
+    world_info_new_depth: int | None = None  # where new entries go (WorldInfoEntry.depth)
     # The sampler settings the story was written with (SamplingSettings.to_dict() and the
     # context size); the window shows them again when the story is opened.
     sampling: dict[str, Any] | None = None

@@ -154,7 +154,8 @@ def _ours(data: dict[str, Any]) -> Story:
             raise _Invalid(f"'{where}constant' is not true or false")
         entries.append(WorldInfoEntry(keys=[without_lone_surrogates(k) for k in keys], content=_str(item, "content", "", where), constant=constant,
                                       scan_depth=_int(item, "scan_depth", None, 0, 1000, where),
-                                      comment=_str(item, "comment", "", where)))
+                                      comment=_str(item, "comment", "", where),
+                                      depth=_int(item, "depth", None, 0, 1000, where)))
     return Story(
         title=_str(data, "title"),
         prompt=_str(data, "prompt"),
@@ -165,6 +166,7 @@ def _ours(data: dict[str, Any]) -> Story:
         authors_note_depth=_int(data, "authors_note_depth", 3, 0, 1000),
         world_info=entries,
         world_info_depth=_int(data, "world_info_depth", 3, 0, 1000),
+        world_info_new_depth=_int(data, "world_info_new_depth", None, 0, 1000),
         sampling=_sampling(data),
     )
 

@@ -75,3 +75,44 @@ def test_the_status_bar_says_what_a_turn_did(engine):
     assert f"story trimmed by {built.dropped_story_tokens} tokens" in said
     assert f"read {len(built.ids) - 150} new tokens, 150 from the cache" in said
     assert "read all 200 tokens" in turn_report(build_context(Story(prompt="Hi."), engine.loaded.tokenizer, 100), 200, 0)
+
+
+def test_world_info_placed_near_the_end_leaves_the_cached_start_alone(engine):
+    """An entry at the top shifts everything after it when it comes and goes; placed before
+    the last pieces (as the Author's Note) it changes only the prompt's end."""
+    from kobold_desktop.story import WorldInfoEntry
+
+    def prompts(depth):
+        story = Story(prompt="Once upon a time a knight rode out. " * 3,
+                      actions=[Action(" He rode on.", "model"), Action(" A dragon!", "user"),
+                               Action(" The dragon slept.", "model")],
+                      world_info=[WorldInfoEntry(keys=["dragon"], content="Dragons breathe fire.", depth=depth)])
+        tokenizer = engine.loaded.tokenizer
+        with_entry = build_context(story, tokenizer, 200).ids
+        story.actions = story.actions[:1]  # the key is gone: so is the entry
+        return with_entry, build_context(story, tokenizer, 200).ids
+
+    def common(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    top_with, top_without = prompts(None)
+    near_with, near_without = prompts(2)
+    assert common(top_with, top_without) <= 2  # the entry came first: nothing after it matches
+    assert common(near_with, near_without) > len(near_without) - 8  # only the end differs
+    tokenizer = engine.loaded.tokenizer
+    assert tokenizer.decode(near_with).index("Dragons breathe fire.") > tokenizer.decode(near_with).index("He rode on")
+
+
+def test_the_placement_travels_with_the_story_file(tmp_path):
+    from kobold_desktop.story import WorldInfoEntry
+    from kobold_desktop.story.files import load_story, save_story
+
+    story = Story(prompt="x", world_info=[WorldInfoEntry(keys=["a"], content="A.", depth=2), WorldInfoEntry()],
+                  world_info_new_depth=4)
+    save_story(story, tmp_path / "s.json")
+    read = load_story(tmp_path / "s.json")
+    assert [e.depth for e in read.world_info] == [2, None] and read.world_info_new_depth == 4
+
