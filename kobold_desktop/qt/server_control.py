@@ -95,6 +95,7 @@ class ServerControl(QObject):
         if job == "start":
             self.server, models = value
             self.state = "running"
+            self.changed.emit()  # with the state: whoever sees "running" sees the window say so
             self.notify("Server running", f"OpenAI API: {self.server.url}/v1\nKoboldAI API: "
                                f"{self.server.url}/api\nModels: {', '.join(models)}")
 

@@ -64,3 +64,17 @@ def test_server_menu_serves_library_softprompts(qtbot, window):
 def test_server_needs_a_model(bare_window):
     assert bare_window.start_server(port=0) is False
     assert "Load a model" in bare_window.notices[-1][1]
+
+
+def test_the_label_says_running_as_soon_as_the_state_does(bare_window):
+    """The server's start returns before its job finishes: the window must say "running"
+    then, not a moment later (a test that read the label in between failed now and then)."""
+    class Started:
+        url = "http://127.0.0.1:1"
+
+    control = bare_window.server_control
+    control.state = "starting"
+    control._on_returned("start", (Started(), ["model"]))
+    assert bare_window.server_label.text() == "Server: http://127.0.0.1:1"
+    control.state, control.server = "stopped", None
+    bare_window.update_server_state()
