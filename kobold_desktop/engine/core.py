@@ -139,8 +139,12 @@ class BaseCore(abc.ABC):
                 continue
             if id(request) not in token_of:
                 request.finish("cancelled")
-            elif request.feed(token_of[id(request)][1]):
-                request.finish()
+                continue
+            try:
+                if request.feed(token_of[id(request)][1]):
+                    request.finish()
+            except Exception as exc:  # noqa: BLE001 - this request's failure is its own (a phrase ban's regex)
+                request.fail(exc)
         keep = [(index, seq) for index, seq in enumerate(self.rows) if not seq.owner.done and not seq.owner.rewinding]
         rewinding = [request for request in requests if request.rewinding]
         self._leave([index for index, _ in keep])  # rewinding rows leave with their cache kept

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from kobold_desktop.errors import KoboldError
+
 REPLACEMENT = "\ufffd"
 
 
@@ -81,6 +83,15 @@ class StopSequences:
 
 # A regular expression with no bound on its length is looked for within this many characters.
 UNBOUNDED_PHRASE_CHARS = 256
+# One search of the held-back text may take this long: a pattern that backtracks without end
+# ("/(a|aa)+$/", sent to a shared server) fails its own request instead of stalling the batch.
+SEARCH_SECONDS = 0.05
+
+
+class PhraseBanError(KoboldError):
+    """A banned phrase's regular expression took too long to check."""
+
+    status = 422
 
 
 class PhraseBans:
@@ -90,6 +101,8 @@ class PhraseBans:
 
     def __init__(self, phrases: Sequence[str]):
         import re
+
+        import regex  # the `re` syntax, with a time limit on a search (transformers depends on it)
 
         parts, longest = [], 1
         for phrase in phrases:
@@ -102,7 +115,10 @@ class PhraseBans:
                 longest = max(longest, len(phrase))
             parts.append(f"(?:{source})")
         self.longest = longest
-        self._pattern = re.compile("|".join(parts), re.IGNORECASE) if parts else None
+        self._phrases = tuple(phrases)
+        if parts:
+            re.compile("|".join(parts), re.IGNORECASE)  # the check: Python's own syntax
+        self._pattern = regex.compile("|".join(parts), regex.IGNORECASE | regex.V0) if parts else None
 
     def __bool__(self) -> bool:
         return self._pattern is not None
@@ -111,7 +127,11 @@ class PhraseBans:
         """Where the earliest banned phrase in `text` starts, or None."""
         if self._pattern is None:
             return None
-        found = self._pattern.search(text)
+        try:
+            found = self._pattern.search(text, timeout=SEARCH_SECONDS)
+        except TimeoutError as exc:
+            raise PhraseBanError("a banned phrase's regular expression takes too long to check (it backtracks "
+                                 "without end); write it more simply, e.g. without a repeat inside a repeat.") from exc
         return found.start() if found else None
 
 

@@ -111,3 +111,26 @@ def test_a_banned_phrase_never_reaches_a_client_on_any_route(client, server_engi
     assert phrase.lower() not in streamed.lower()
     status, answer = client.call("POST", "/v1/completions", {**BODY, "banned_strings": ["/([/"]})
     assert status == 422 and "regular expression" in answer["error"]["message"]
+
+
+def test_a_regex_that_backtracks_without_end_fails_its_own_request_only(client, server):
+    """A shared server's phrase bans are other people's regular expressions: one that never
+    ends checking fails its request with our message; the request beside it is untouched."""
+    import threading
+
+    evil = {**BODY, "max_tokens": 40, "temperature": 1.0, "seed": 1,
+            "banned_strings": ["/(?:[\\s\\S]|[\\s\\S][\\s\\S])+(?!)/"]}  # never matches; exponential to find out
+    replies = {}
+
+    def ask(name, body):
+        replies[name] = client.call("POST", "/v1/completions", body)
+
+    threads = [threading.Thread(target=ask, args=("evil", evil)),
+               threading.Thread(target=ask, args=("good", {**BODY, "max_tokens": 8}))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    status, answer = replies["evil"]
+    assert status == 422 and "takes too long to check" in answer["error"]["message"]
+    assert replies["good"][0] == 200 and replies["good"][1]["choices"][0]["text"]
