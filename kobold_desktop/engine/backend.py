@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, runtime_che
 
 import torch
 
-from kobold_desktop.engine.errors import ModelError
 
 if TYPE_CHECKING:
     from kobold_desktop.engine.core import BaseCore

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kobold_desktop import APP_NAME
-from kobold_desktop.engine import LoadOptions, SamplingSettings
+from kobold_desktop.engine import LoadOptions
 from kobold_desktop.engine.active import Choice, RemoteModel, SoftPromptStatus
 from kobold_desktop.engine.sequence import FinishReason, GenerationResult
 from kobold_desktop.story.context import turn_report

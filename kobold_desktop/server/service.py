@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterator
 from kobold_desktop import __version__, paths
 from kobold_desktop.engine.active import Active, ActiveMixture
 from kobold_desktop.engine.engine import Engine
-from kobold_desktop.engine.loader import ContextOverflow
 from kobold_desktop.engine.sampling import DEFAULT_SAMPLER_ORDER, SEED_LIMIT, SamplingSettings, SettingsError
 from kobold_desktop.engine.sequence import GenerationResult, TextChunk
 from kobold_desktop.errors import KoboldError
