@@ -47,14 +47,14 @@ def tiny_tokenizer(add_bos: bool = False):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<s>")
 
 
-def tiny_config(arch: str, vocab_size: int, hidden: int = 32):
+def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2):
     from transformers import BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
 
     common = dict(vocab_size=vocab_size, eos_token_id=0, bos_token_id=1, initializer_range=0.2)
     if arch == "gpt2":
         return GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=256, **common)
     if arch == "llama":
-        return LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+        return LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
     if arch == "gpt_neox":
         return GPTNeoXConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
@@ -67,14 +67,15 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 32):
     raise ValueError(arch)
 
 
-def build_tiny_model(folder: Path, arch: str = "gpt2", hidden: int = 32, seed: int = 0, add_bos: bool | None = None) -> Path:
+def build_tiny_model(folder: Path, arch: str = "gpt2", hidden: int = 32, seed: int = 0, add_bos: bool | None = None,
+                     layers: int = 2) -> Path:
     """Save a tiny random model and its tokenizer to `folder`; Llama's adds BOS."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tokenizer = tiny_tokenizer(add_bos=(arch == "llama") if add_bos is None else add_bos)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), hidden))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), hidden, layers))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

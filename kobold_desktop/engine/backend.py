@@ -54,8 +54,12 @@ class Backend(Protocol):
     def runs_on(self) -> dict[str, str]:
         """Backend, device, precision and why: what every front end reports."""
 
-    def new_core(self, prefix_cache: "PrefixCache | None") -> "BaseCore":
-        """A stepping core on this model."""
+    def new_core(self, prefix_cache: "PrefixCache | None", shift: bool = False) -> "BaseCore":
+        """A stepping core on this model; `shift`: reuse cached work past dropped text by
+        moving it (context shift), where the model allows it."""
+
+    def shift_refusal(self) -> str | None:
+        """Why context shift cannot run on this model, or None when it can."""
 
     def close(self) -> None:
         """Free the weights (and any native memory)."""
@@ -97,10 +101,17 @@ class TransformersBackend:
         return {"backend": self.name, "device": self.device_label, "precision": self.precision,
                 "why": self.dtype_reason}
 
-    def new_core(self, prefix_cache: "PrefixCache | None") -> "BaseCore":
+    def new_core(self, prefix_cache: "PrefixCache | None", shift: bool = False) -> "BaseCore":
         from kobold_desktop.engine.core import StepCore
 
-        return StepCore(self.model, prefix_cache)
+        return StepCore(self.model, prefix_cache, shift)
+
+    def shift_refusal(self) -> str | None:
+        import kobold_desktop.engine.rope as rope
+
+        if self.device_map:
+            return "context shift does not support a model split between devices"
+        return rope.refusal(self.model)
 
     def close(self) -> None:
         self.model = None

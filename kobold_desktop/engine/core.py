@@ -28,7 +28,8 @@ import torch
 
 import kobold_desktop.engine.kv as kv
 from kobold_desktop.engine.errors import ModelError
-from kobold_desktop.engine.prefix_cache import PrefixCache
+from kobold_desktop.engine.prefix_cache import MIN_SHIFT, PrefixCache, Shift
+import kobold_desktop.engine.rope as rope
 from kobold_desktop.engine.sequence import Request, Sequence
 
 
@@ -46,6 +47,16 @@ def reuse_point(reused: int, total: int, scoring: bool) -> int:
     if reused >= total or (scoring and reused):
         return min(reused, total) - 1
     return reused
+
+
+def usable_shift(shift: Shift, total: int, reused: int) -> Shift | None:
+    """`shift` cut so the prompt's last position still runs (its logits give the next
+    token), or None when it would reuse no more than `reused` positions by a plain prefix
+    plus `MIN_SHIFT` (moving costs little, but it is not exact; it must be worth it)."""
+    length = min(shift.length, total - 1 - shift.keep)
+    if shift.keep + length < reused + MIN_SHIFT:
+        return None
+    return Shift(shift.keep, shift.start, length)
 
 
 def cached_scores(reused: int, n_soft: int) -> int:
@@ -190,9 +201,11 @@ class BaseCore(abc.ABC):
 
 
 class StepCore(BaseCore):
-    def __init__(self, model: Any, prefix_cache: PrefixCache | None = None):
+    def __init__(self, model: Any, prefix_cache: PrefixCache | None = None, shift: bool = False):
         super().__init__()
         self.model = model
+        # context shift: how to move cached keys (None: off, or this model cannot)
+        self.rotate = rope.shifter(model) if shift and prefix_cache is not None else None
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.prefix_cache = prefix_cache
@@ -245,6 +258,13 @@ class StepCore(BaseCore):
             cache = kv.prefix(cache, reused) if reused else None
         if reused == 0:
             cache = None
+        seq.shifted = 0
+        if self.rotate is not None and not seq.scoring:
+            match = self.prefix_cache.lookup_shift(seq.softprompt_key, seq.n_soft, seq.prompt_ids)
+            shift = usable_shift(match.shift, total, reused) if match is not None else None
+            if shift is not None and match.cache.layers[0].keys.dtype == self.embed.weight.dtype:
+                cache = kv.shifted(match.cache, shift.keep, shift.start, shift.length, self.rotate)
+                reused, seq.shifted = shift.reused, shift.length
         device = self.device
         with torch.inference_mode():
             ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=device)

@@ -36,6 +36,9 @@ class Engine:
         self.limits = limits
         self.lock = threading.RLock()
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        # Context shift: a prompt that dropped old text reuses the cache by moving what
+        # follows (close to a fresh read, not exact); off: it reads everything again.
+        self.context_shift = False
 
     # -- the model -------------------------------------------------------------------
 
@@ -151,14 +154,14 @@ class Engine:
             prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         events: list = []
         request = loaded.new_request(prompt_ids, active, settings, events.append, cancel)
-        yield from stream_request(loaded.new_core(self.prefix_cache), request, events, lock=self.lock,
+        yield from stream_request(loaded.new_core(self.prefix_cache, self.context_shift), request, events, lock=self.lock,
                                   check=lambda: self.require(loaded))
 
     def run(self, requests: Sequence[Request], max_batch: int = 64) -> None:
         """Run `requests` (from `loaded.new_request`) together until every one has ended,
         each reporting to its own sink. Holds the lock one step at a time."""
         loaded = self.loaded
-        run_requests(loaded.new_core(self.prefix_cache), requests, max_batch, lock=self.lock,
+        run_requests(loaded.new_core(self.prefix_cache, self.context_shift), requests, max_batch, lock=self.lock,
                      check=lambda: self.require(loaded))
 
     def generate(

@@ -58,6 +58,19 @@ def prefix(cache: Any, n: int) -> DynamicCache:
     return _build([(k[:, :, :n], v[:, :, :n]) for k, v in _pairs(cache)])
 
 
+def shifted(cache: Any, keep: int, start: int, length: int, rotate: Any) -> DynamicCache:
+    """A new one-row cache: the first `keep` positions, then positions start..start+length
+    moved back to keep.. (`rotate(keys, keep - start)` turns their keys; `rope.shifter`).
+    The source is not changed."""
+    delta = keep - start
+    pairs = []
+    for k, v in _pairs(cache):
+        moved = rotate(k[:, :, start:start + length], delta)
+        pairs.append((torch.cat([k[:, :, :keep], moved], dim=2),
+                      torch.cat([v[:, :, :keep], v[:, :, start:start + length]], dim=2)))
+    return _build(pairs)
+
+
 def row(cache: Any, index: int, n: int) -> DynamicCache:
     """Row `index`'s last `n` positions (its real tokens) as a batch of one, copied so the
     batch's memory can be freed."""

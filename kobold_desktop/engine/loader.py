@@ -103,10 +103,15 @@ class LoadedModel:
         """The tokens that end a generation: the one EOS rule (sequence.eos_token_ids)."""
         return frozenset(eos_token_ids(self.model, self.tokenizer))
 
-    def new_core(self, prefix_cache: Any = None) -> Any:
+    def new_core(self, prefix_cache: Any = None, shift: bool = False) -> Any:
         """A stepping core on this model (llama.cpp keeps its own prefix cache in its
-        context, so `prefix_cache` is for transformers models)."""
-        return self.runtime.new_core(prefix_cache)
+        context, so `prefix_cache` is for transformers models); `shift` turns on context
+        shift where the model allows it (`shift_refusal`)."""
+        return self.runtime.new_core(prefix_cache, shift)
+
+    def shift_refusal(self) -> str | None:
+        """Why context shift cannot run on this model, or None when it can."""
+        return self.runtime.shift_refusal()
 
     def room(self, active: Any, max_new_tokens: int, context_limit: int | None = None) -> int:
         """Prompt tokens that fit under `active` (see `room`)."""

@@ -13,6 +13,14 @@ to llama.cpp sequences, whose `ops` say how long one is, how much memory it hold
 how to take a prefix of it; `on_evict` hears of each entry that is dropped (llama.cpp
 frees its sequence).
 
+With context shift on (`lookup_shift`), a stored sequence is also reused past a gap: when
+the new prompt keeps the stored one's start (the soft prompt, BOS, memory) and then goes
+on the way the stored one went on later (the oldest story text was dropped), the kept
+start stays, the gap goes and what follows moves back (`Shift`), as KoboldCpp's
+ContextShift does. The moved keys were computed after the dropped text, so the result is
+close to a fresh read, not equal to it; the backend moves them (`kv.shifted`, llama.cpp's
+`seq_add`).
+
 A member of a `bayes` mixture also needs the log-probability its soft prompt gave each
 token (the posterior is their sum), so its entries carry those scores; a lookup that
 needs scores only matches entries that have them.
@@ -21,6 +29,7 @@ needs scores only matches entries that have them.
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from types import ModuleType
@@ -29,6 +38,34 @@ from typing import Any, Callable, Sequence
 import kobold_desktop.engine.kv as kv
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
+MIN_SHIFT = 32  # tokens a moved span must have: below that, reading them again costs little
+
+
+@dataclass(frozen=True)
+class Shift:
+    """How a stored sequence is reused past a gap, in positions (soft prompt rows
+    included): its first `keep` stay where they are, `start..start+length` move back to
+    `keep..keep+length`, and `keep..start` (the text the new prompt dropped) goes."""
+
+    keep: int
+    start: int
+    length: int
+
+    @property
+    def removed(self) -> int:
+        return self.start - self.keep
+
+    @property
+    def reused(self) -> int:
+        return self.keep + self.length
+
+
+@dataclass(frozen=True)
+class ShiftMatch:
+    cache: Any  # the stored entry's cache (whole; the backend cuts and moves it)
+    shift: Shift
+    ids: tuple[int, ...]  # the stored entry's token ids
+    key: int  # the entry's key in the cache (for `take`)
 
 
 @dataclass
@@ -45,12 +82,40 @@ class _Entry:
         return self.n_soft + len(self.ids)
 
 
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items `a` and `b` share."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def _as_bytes(ids: Sequence[int]) -> bytes:
+    return array("i", ids).tobytes()
+
+
+def find_span(old: Sequence[int], new: Sequence[int], min_len: int = MIN_SHIFT) -> tuple[int, int, int] | None:
+    """Where `new` goes on the way `old` went on after a gap: (common, start, length) with
+    `old[:common] == new[:common]` and `old[start:start+length] == new[common:common+length]`,
+    start > common, the longest such span of at least `min_len` tokens; or None."""
+    common = common_prefix(old, new)
+    if len(new) - common < min_len or len(old) - common - 1 < min_len:
+        return None
+    hay, needle = _as_bytes(old), _as_bytes(new[common:common + min_len])
+    width = array("i").itemsize
+    best = None
+    at = hay.find(needle, (common + 1) * width)
+    while at >= 0:
+        if at % width == 0:  # a whole token, not bytes that straddle two
+            start = at // width
+            length = min_len + common_prefix(old[start + min_len:], new[common + min_len:])
+            if best is None or length > best[2]:
+                best = (common, start, length)
+            at = hay.find(needle, at + width)
+        else:
+            at = hay.find(needle, at + 1)
+    return best
 
 
 class PrefixCache:
@@ -99,7 +164,7 @@ class PrefixCache:
                     continue
                 if scored and entry.scores is None:
                     continue
-                n = n_soft + _common(entry.ids, ids)
+                n = n_soft + common_prefix(entry.ids, ids)
                 if n > best_n:
                     best, best_n = key, n
             if best is None:
@@ -108,6 +173,42 @@ class PrefixCache:
             entry = self._entries[best]
             scores = entry.scores[: best_n - n_soft] if scored else None
             return self.ops.prefix(entry.cache, best_n), best_n, scores
+
+    def lookup_shift(self, softprompt_key: str | None, n_soft: int, ids: Sequence[int],
+                     min_len: int = MIN_SHIFT) -> ShiftMatch | None:
+        """The stored sequence that reuses the most positions of `[soft prompt][ids]` by
+        a shift (`find_span`), or None. The entry is left as it is."""
+        best: ShiftMatch | None = None
+        with self._lock:
+            for key, entry in self._entries.items():
+                if entry.softprompt_key != softprompt_key or entry.n_soft != n_soft:
+                    continue
+                span = find_span(entry.ids, ids, min_len)
+                if span is None:
+                    continue
+                common, start, length = span
+                shift = Shift(n_soft + common, n_soft + start, length)
+                if best is None or shift.reused > best.shift.reused:
+                    best = ShiftMatch(entry.cache, shift, entry.ids, key)
+            if best is not None:
+                self._entries.move_to_end(best.key)
+        return best
+
+    def take(self, match: ShiftMatch) -> bool:
+        """Remove the matched entry without freeing its cache (the caller now owns it);
+        False when it is gone already."""
+        with self._lock:
+            return self._entries.pop(match.key, None) is not None
+
+    def drop_sharing(self, softprompt_key: str | None, n_soft: int, ids: Sequence[int], beyond: int) -> None:
+        """Drop every entry that starts like `[soft prompt][ids]` for more than `beyond`
+        positions (llama.cpp shares such positions' cells between sequences)."""
+        with self._lock:
+            dropped = [self._entries.pop(key) for key, e in list(self._entries.items())
+                       if e.softprompt_key == softprompt_key and e.n_soft == n_soft
+                       and n_soft + common_prefix(e.ids, ids) > beyond]
+        for entry in dropped:
+            self._on_evict(entry.cache)
 
     def store(self, softprompt_key: str | None, n_soft: int, ids: Sequence[int], cache: Any,
               scores: Any = None) -> None:

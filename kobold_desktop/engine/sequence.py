@@ -64,6 +64,7 @@ class GenerationResult:
     seconds: float
     token_ids: tuple[int, ...] = ()
     cached_tokens: int = 0  # positions (soft prompt rows included) taken from an earlier sequence's cache
+    shifted_tokens: int = 0  # of those, positions moved back past dropped text (context shift; not exact)
     first_token_seconds: float | None = None  # from the request to its first token
     mixture_weights: tuple[float, ...] | None = None  # a mixture's member weights at the end
     # With logprobs asked for: per generated token (id, log-probability, the top alternatives
@@ -141,6 +142,7 @@ class Continuation:
         self.prompt_tokens = len(prompt_ids)
         self.softprompt_tokens = softprompt_tokens
         self.cached_tokens = 0
+        self.shifted_tokens = 0
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
         self._stops = StopSequences(settings.stop)
         self._bans = PhraseBans(settings.banned_phrases)
@@ -253,6 +255,7 @@ class Continuation:
             seconds=time.perf_counter() - self.start,
             token_ids=tuple(self.generated),
             cached_tokens=self.cached_tokens,
+            shifted_tokens=self.shifted_tokens,
             first_token_seconds=None if self.first_token_at is None else self.first_token_at - self.start,
             logprobs=None if self.logprobs is None else tuple(self.logprobs[: len(self.generated)]),
         )
@@ -296,6 +299,7 @@ class Request(abc.ABC):
         """Every row's prompt has run (the core calls this after `add`, and after a rewind)."""
         if self.text is not None and self.text.rewinds == 0:
             self.text.cached_tokens = sum(row.reused for row in self.rows)
+            self.text.shifted_tokens = sum(row.shifted for row in self.rows)
 
     @property
     def rewinding(self) -> bool:
@@ -403,6 +407,7 @@ class Sequence(Request):
         self.scoring = False  # keep each fed token's log-probability (a bayes mixture's member)
         self.scores: list[torch.Tensor] = []  # pieces, one value per fed id once the prompt ran
         self.reused = 0  # positions taken from the prefix cache
+        self.shifted = 0  # of those, positions moved back past dropped text (context shift)
         self.fed_ids = list(self.prompt_ids)  # token ids whose keys and values are in the cache
         self.next_position = 0  # set by the core when the prompt has been run
         self.history: torch.Tensor | None = None  # [1, n] on the model's device, for the penalties and DRY

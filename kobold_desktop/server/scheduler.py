@@ -175,7 +175,7 @@ class BatchScheduler:
                             core = None
                             continue
                         loaded = self.engine.loaded
-                        core = loaded.new_core(self.engine.prefix_cache)
+                        core = loaded.new_core(self.engine.prefix_cache, self.engine.context_shift)
                     self._admit(core, waiting)
                     if core.active:
                         worked = True

@@ -45,11 +45,14 @@ class GgufBackend:
         return {"backend": self.name, "device": device, "precision": self.precision,
                 "why": self.model.cpu.describe()}
 
-    def new_core(self, prefix_cache: "PrefixCache | None") -> "BaseCore":
+    def new_core(self, prefix_cache: "PrefixCache | None", shift: bool = False) -> "BaseCore":
         """llama.cpp keeps its own prefix cache in its context: `prefix_cache` is unused."""
         from kobold_desktop.engine.llamacpp.core import LlamaCore
 
-        return LlamaCore(self.model)
+        return LlamaCore(self.model, shift)
+
+    def shift_refusal(self) -> str | None:
+        return self.model.shift_refusal()
 
     def close(self) -> None:
         self.model.close()

@@ -7,7 +7,9 @@ chain as the transformers backend's. What differs is how prompts run and where w
 kept: a row's soft prompt runs as a batch of embeddings at positions 0..n-1, then its
 tokens; a finished row's sequence stays in the context as a prefix cache entry, and a
 later row that starts the same way copies its cells (`llama_memory_seq_cp`) and decodes
-only what is new.
+only what is new. With context shift on, a row whose prompt dropped old text takes over
+the stored sequence it continues and moves its cells (`GgufModel.shift`), when no other
+sequence shares the cells that move.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kobold_desktop.engine.core import BaseCore, cached_scores, reuse_point, score_tokens
+from kobold_desktop.engine.core import BaseCore, cached_scores, reuse_point, score_tokens, usable_shift
 from kobold_desktop.engine.errors import ModelError
 from kobold_desktop.engine.llamacpp.model import GgufModel, SeqHandle
+from kobold_desktop.engine.prefix_cache import Shift, ShiftMatch, common_prefix
 from kobold_desktop.engine.sequence import Request, Sequence
 
 
@@ -28,9 +31,10 @@ def _need(seq: Sequence) -> int:
 
 
 class LlamaCore(BaseCore):
-    def __init__(self, model: GgufModel):
+    def __init__(self, model: GgufModel, shift: bool = False):
         super().__init__()
         self.model = model
+        self.shift = shift and model.shift_refusal() is None
         self._seq_ids: dict[int, int] = {}  # id(row) -> llama.cpp seq_id
         self._reserved: dict[int, int] = {}  # id(row) -> cells promised to it
 
@@ -65,19 +69,25 @@ class LlamaCore(BaseCore):
         if seq.softprompt is not None and seq.softprompt.shape[1] != model.hidden_size:
             raise ModelError(f"the soft prompt is {seq.softprompt.shape[1]} wide; this model's embeddings are "
                              f"{model.hidden_size}.")
+        seq_id = model.allocate()  # first: it may drop a stored sequence, never the one found below
         handle, reused, scores = (None, 0, None)
         if not model.sliding:
             handle, reused, scores = model.prefix_cache.lookup(seq.softprompt_key, seq.n_soft, seq.prompt_ids,
                                                                scored=seq.scoring)
         reused = reuse_point(reused, total, seq.scoring) if reused else 0
-        seq_id = model.allocate()
+        seq.shifted = 0
+        shifted = self._try_shift(seq, total, reused)
+        if shifted is not None:
+            model.release(seq_id)
+            seq_id, reused = shifted
+        elif reused:
+            model.copy(handle.seq_id, seq_id, reused)  # before make_room, which may drop the source
         self._seq_ids[id(seq)] = seq_id
+        model.running[seq_id] = seq
         model.make_room(_need(seq))
         model.reserved += _need(seq)
         self._reserved[id(seq)] = _need(seq)
         try:
-            if reused:
-                model.copy(handle.seq_id, seq_id, reused)
             logits, pieces = self._run_prompt(seq, seq_id, reused, scores)
         except BaseException:
             self._forget(seq, keep=False)
@@ -90,6 +100,29 @@ class LlamaCore(BaseCore):
         seq.logits = logits
         if seq.scoring:
             seq.scores = pieces
+
+    def _try_shift(self, seq: Sequence, total: int, reused: int) -> tuple[int, int] | None:
+        """Context shift: take over the stored sequence `seq` continues past dropped text
+        and move its cells; (its seq_id, positions reused) or None."""
+        model = self.model
+        if not self.shift or seq.scoring or model.sliding:
+            return None
+        match = model.prefix_cache.lookup_shift(seq.softprompt_key, seq.n_soft, seq.prompt_ids)
+        shift = usable_shift(match.shift, total, reused) if match is not None else None
+        if shift is None or not self._movable(seq, match, shift) or not model.prefix_cache.take(match):
+            return None
+        model.prefix_cache.drop_sharing(seq.softprompt_key, seq.n_soft, match.ids, shift.start)
+        seq_id = match.cache.seq_id
+        model.shift(seq_id, shift.keep, shift.start, shift.length)
+        seq.shifted = shift.length
+        return seq_id, shift.reused
+
+    def _movable(self, seq: Sequence, match: ShiftMatch, shift: Shift) -> bool:
+        """Whether no running row shares the cells that would move (rows that began as a
+        copy of the stored sequence's start share its cells that far)."""
+        return not any(row.softprompt_key == seq.softprompt_key and row.n_soft == seq.n_soft
+                       and row.n_soft + common_prefix(row.fed_ids, match.ids) > shift.start
+                       for row in self.model.running.values())
 
     def _run_prompt(self, seq: Sequence, seq_id: int, reused: int, cached: Any) -> tuple[torch.Tensor, list]:
         """Decode positions reused.. of `[soft prompt][prompt]` in batches; the last
@@ -149,6 +182,7 @@ class LlamaCore(BaseCore):
         seq_id = self._seq_ids.pop(id(seq), None)
         if seq_id is None:
             return
+        model.running.pop(seq_id, None)
         if not keep or model.sliding:
             model.release(seq_id)
             return

@@ -197,6 +197,7 @@ class GgufModel:
         self.prefix_cache = PrefixCache(self.cells, max(1, options.stored), ops=_SeqOps,
                                         on_evict=lambda handle: self.release(handle.seq_id))
         self.tokens_decoded = 0  # positions run through the model (tests and benchmarks count them)
+        self.running: dict[int, Any] = {}  # seq_id -> the row generating in it (every core's)
 
     # -- metadata ------------------------------------------------------------------------
 
@@ -264,6 +265,24 @@ class GgufModel:
     def copy(self, src: int, dst: int, n: int) -> None:
         """Let `dst` start with `src`'s first n positions (shared cells, nothing copied)."""
         self.lib.llama_memory_seq_cp(self.memory, src, dst, 0, n)
+
+    def shift_refusal(self) -> str | None:
+        """Why llama.cpp cannot move this model's cached positions, or None."""
+        if self.sliding:
+            return "context shift does not support sliding-window attention"
+        if not self.lib.llama_memory_can_shift(self.memory):
+            return f"llama.cpp cannot shift the cache of this {self.architecture} model"
+        return None
+
+    def shift(self, seq_id: int, keep: int, start: int, length: int) -> None:
+        """Context shift in one sequence: keep its first `keep` positions, drop keep..start
+        and everything after start+length, and move start..start+length back to keep..
+        (llama.cpp turns the moved keys at the next decode). The cells must be this
+        sequence's alone: moving a cell moves it for every sequence sharing it."""
+        lib = self.lib
+        lib.llama_memory_seq_rm(self.memory, seq_id, start + length, -1)
+        lib.llama_memory_seq_rm(self.memory, seq_id, keep, start)
+        lib.llama_memory_seq_add(self.memory, seq_id, start, start + length, keep - start)
 
     def make_room(self, need: int) -> bool:
         """Drop stored sequences until `need` more cells fit beside the running ones."""

@@ -168,8 +168,11 @@ class EmbeddingsBackend(TransformersBackend):
     def __init__(self, model: EmbeddingTable):
         super().__init__(model, model.embed.weight.dtype)
 
-    def new_core(self, prefix_cache: Any = None) -> Any:
+    def new_core(self, prefix_cache: Any = None, shift: bool = False) -> Any:
         raise ModelError("this model runs on a remote server; only its input embeddings are loaded here.")
+
+    def shift_refusal(self) -> str | None:
+        return "this model runs on a remote server, which keeps its own cache"
 
 
 def load_embeddings_only(source: str | Path, trust_remote_code: bool = False,
