@@ -31,15 +31,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, api_key=args.api_key, admin_key=args.admin_key,
         allowed_origins=[o.rstrip("/") for o in args.allowed_origins] if args.allowed_origins else None,
         backend=args.backend, backend_url=args.backend_url, backend_api_key=args.backend_api_key,
+        context_shift=args.context_shift,
     )
     quiet_transformers()
     model = resolve_model(config.model)
     if config.backend == "vllm":
+        if config.context_shift:
+            print("warning: --shift is for the local backend; vLLM keeps its own cache.", file=sys.stderr)
         with remote_backend(model, config, args) as (engine, scheduler):
             return serve(Service(engine, with_library(config, engine, args, mixtures=False), scheduler), config, args)
     engine = Engine()
     print(f"Loading {model} ...", file=sys.stderr)
     engine.load(model, load_options(args))
+    engine.context_shift = config.context_shift
+    refusal = engine.loaded.shift_refusal() if config.context_shift else None
+    if refusal:
+        print(f"warning: --shift is off: {refusal}; prompts past the context are trimmed exactly.", file=sys.stderr)
     return serve(Service(engine, with_library(config, engine, args)), config, args)
 
 
@@ -147,5 +154,12 @@ def add_parser(commands) -> None:
     v.add_argument("--vllm-args", metavar="ARGS", help="more arguments for the vLLM started here, as one "
                    "string, e.g. \"--tensor-parallel-size 2 --max-model-len 8192\"")
     model_flags(v)
+    shift = v.add_mutually_exclusive_group()
+    shift.add_argument("--shift", dest="context_shift", action="store_const", const=True, default=None,
+                       help="context shift: a prompt that dropped its oldest text reuses the cache by moving the "
+                            "rest back (KoboldCpp's ContextShift; faster past the context, close to a fresh read "
+                            "but not exact; RoPE models)")
+    shift.add_argument("--noshift", dest="context_shift", action="store_const", const=False,
+                       help="no context shift (the default): the model reads exactly the prompt it is sent")
     v.add_argument("--verbose", action="store_true", help="log every request on stderr")
     v.set_defaults(func=cmd_serve)

@@ -222,6 +222,13 @@ TEXT_FIELDS = (
 )
 
 
+SHIFT_TIP = ("Past the context the story is trimmed in blocks, so most turns reuse the work of the turn "
+             "before and the model reads exactly its prompt. With this on, the turns where a block goes reuse "
+             "it too: the oldest text is taken out of the cache and the rest moved back (KoboldCpp's "
+             "ContextShift). Faster, but the moved text was read with the dropped text before it: close to a "
+             "fresh read, not the same.")
+
+
 class SamplerPanel(QWidget):
     """Every sampler, grouped (basic, repetition, advanced), each with a tooltip that says
     what it does; presets to pick, change and save. Its settings travel with the story."""
@@ -246,6 +253,9 @@ class SamplerPanel(QWidget):
         layout.addLayout(top)
         self.context_size = QSpinBox(self, minimum=64, maximum=1_000_000, singleStep=256)
         self.context_size.setToolTip("The most tokens of the story the model reads each turn (at most the model's).")
+        self.context_shift = QCheckBox("Shift the cache past the context (faster, not exact)", self)
+        self.context_shift.setAccessibleName("Context shift")
+        self.context_shift.setToolTip(SHIFT_TIP)
         self.seed = QSpinBox(self, minimum=-1, maximum=2**31 - 1)
         self.seed.setSpecialValueText("random")
         self.seed.setToolTip(DESCRIPTIONS["seed"])
@@ -270,6 +280,7 @@ class SamplerPanel(QWidget):
                 form.addRow(label, widget)
             if group == "Basic":
                 form.addRow("Context size", self.context_size)
+                form.addRow("", self.context_shift)
                 form.addRow("Seed", self.seed)
             if group == "Advanced":
                 form.addRow("Mirostat", self.mirostat)
@@ -295,6 +306,7 @@ class SamplerPanel(QWidget):
             signal = widget.valueChanged if hasattr(widget, "valueChanged") else widget.textChanged
             signal.connect(self.changed)
         self.mirostat.currentIndexChanged.connect(self.changed)
+        self.context_shift.toggled.connect(self.changed)
 
     def _inputs(self):
         numbers = [getattr(self, name) for _, fields in SAMPLER_GROUPS for name, *_ in fields]
@@ -369,9 +381,10 @@ class SamplerPanel(QWidget):
     # -- values -------------------------------------------------------------------------
 
     def reset(self) -> None:
-        self.set_settings(SamplingSettings(), context_size=2048)
+        self.set_settings(SamplingSettings(), context_size=2048, context_shift=False)
 
-    def set_settings(self, settings: SamplingSettings, context_size: int | None = None) -> None:
+    def set_settings(self, settings: SamplingSettings, context_size: int | None = None,
+                     context_shift: bool | None = None) -> None:
         import json
 
         for _, fields in SAMPLER_GROUPS:
@@ -386,6 +399,8 @@ class SamplerPanel(QWidget):
         self.banned_tokens.setText(", ".join(str(t) for t in settings.banned_tokens))
         if context_size is not None:
             self.context_size.setValue(context_size)
+        if context_shift is not None:
+            self.context_shift.setChecked(context_shift)
 
     def settings(self) -> SamplingSettings:
         """The settings shown; a `SettingsError` that names the field when one cannot be read."""
@@ -409,6 +424,7 @@ class SamplerPanel(QWidget):
         """The settings and the context size, as the app's settings and a story file keep them."""
         data = self.settings().to_dict()
         data["context_size"] = self.context_size.value()
+        data["context_shift"] = self.context_shift.isChecked()
         return data
 
     def set_dict(self, data: dict) -> None:
@@ -417,7 +433,16 @@ class SamplerPanel(QWidget):
         context = data.get("context_size")
         if context is not None and (not isinstance(context, int) or isinstance(context, bool)):
             raise ValueError("the context size is not a whole number")
-        self.set_settings(SamplingSettings.from_dict(data), context)
+        shift = data.get("context_shift")
+        if shift is not None and not isinstance(shift, bool):
+            raise ValueError("context shift is not true or false")
+        self.set_settings(SamplingSettings.from_dict(data), context, shift)
+
+    def allow_shift(self, refusal: str | None) -> None:
+        """Say on the check box when the loaded model cannot shift (the story is then
+        trimmed exactly whatever it says)."""
+        self.context_shift.setToolTip(SHIFT_TIP if refusal is None
+                                      else f"{SHIFT_TIP}\n\nNot with this model: {refusal}.")
 
 
 def _json_strings(text: str) -> tuple[str, ...]:

@@ -569,7 +569,8 @@ class MainWindow(QMainWindow):
             return
         turn = self.session.begin_turn()
         self.begin_job(Job.GENERATE)
-        self.worker.generate(turn.story, settings, self.sampler_panel.context_size.value())
+        self.worker.generate(turn.story, settings, self.sampler_panel.context_size.value(),
+                             self.sampler_panel.context_shift.isChecked())
 
     def on_chunk(self, text: str) -> None:
         self._pending_text += text
@@ -600,7 +601,7 @@ class MainWindow(QMainWindow):
         if self._last_context is not None:  # trimmed or not; read from the cache or all again
             remote = self.state.model is not None and self.state.model.remote
             report = turn_report(self._last_context, result.prompt_tokens,
-                                 None if remote else result.cached_tokens)
+                                 None if remote else result.cached_tokens, result.shifted_tokens)
         self.statusBar().showMessage(
             f"{verb}: {result.generated_tokens} tokens in {result.seconds:.1f} s "
             f"({result.tokens_per_second:.1f} tokens/s)" + (f"; {report}" if report else ""), 10000)
@@ -666,6 +667,7 @@ class MainWindow(QMainWindow):
             f"{status.name} · {status.device} · {status.dtype} · context {status.context_length}")
         self.softprompt_panel.set_model(status.hidden_size, status.name)
         self.sampler_panel.context_size.setMaximum(status.context_length)
+        self.sampler_panel.allow_shift(status.shift_refusal)
         self.settings.set("model.last", status.source)
         self.remember("recent_models", status.source)
         self.statusBar().showMessage(f"Loaded {status.name}", 5000)

@@ -51,6 +51,7 @@ class ModelStatus:
     context_length: int
     hidden_size: int
     remote: bool = False  # a server writes (Model ▸ Connect to server…), not a local model
+    shift_refusal: str | None = None  # why context shift cannot run on this model (None: it can)
 
 
 @dataclass

@@ -80,7 +80,8 @@ class ModelWorker(QObject):
         loaded = self.active.loaded
         return ModelStatus(name=loaded.info.name, source=loaded.source, device=loaded.device_label,
                            dtype=loaded.precision, context_length=loaded.context_length,
-                           hidden_size=self.active.hidden_size, remote=self.remote is not None)
+                           hidden_size=self.active.hidden_size, remote=self.remote is not None,
+                           shift_refusal=None if self.remote is not None else loaded.shift_refusal())
 
     def _report_state(self) -> None:
         self.model_loaded.emit(self.model_status())
@@ -147,10 +148,10 @@ class ModelWorker(QObject):
 
         self._run(Job.SOFTPROMPT, work)
 
-    def generate(self, story: Story, settings: SamplingSettings, context_limit: int) -> None:
+    def generate(self, story: Story, settings: SamplingSettings, context_limit: int, shift: bool = False) -> None:
         def work():
             active = self.active
-            budget = active.context_budget(settings, context_limit or None)
+            self.engine.context_shift = shift            budget = active.context_budget(settings, context_limit or None)
             built = build_context(story, active.loaded.tokenizer, budget)
             self.context_built.emit(built)
             result: GenerationResult | None = None

@@ -35,6 +35,9 @@ class ServeConfig:
     backend: str = "local"  # "local" (this machine's model) or "vllm"
     backend_url: str | None = None  # vLLM's OpenAI base; none with backend vllm: start vLLM here
     backend_api_key: str | None = None  # the key vLLM was started with (--api-key), if any
+    # Past the context, reuse the cache by moving it (KoboldCpp's ContextShift; close to a
+    # fresh read, not exact). Off: trimmed prompts reuse only an unchanged start.
+    context_shift: bool = False
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> "ServeConfig":

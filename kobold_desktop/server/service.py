@@ -37,6 +37,17 @@ KOBOLD_TOP_LOGPROBS = 5  # alternatives per token when a KoboldCpp client asks f
 DEFAULT_MAX_LENGTH = 512
 
 
+def reuse_report(result: GenerationResult) -> str:
+    """One line on a generation's prompt: read in full, partly from the cache, or shifted."""
+    total = result.prompt_tokens + result.softprompt_tokens
+    if not result.cached_tokens:
+        return f"prompt of {total} positions read in full"
+    line = f"prompt of {total} positions: {total - result.cached_tokens} read, {result.cached_tokens} from the cache"
+    if result.shifted_tokens:
+        line += f" ({result.shifted_tokens} of them shifted past dropped text: context shift, close to a fresh read)"
+    return line
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None):
@@ -434,7 +445,9 @@ class Service:
                             for t in result.logprobs]}
 
     def _record(self, result: GenerationResult, client: str = "", genkey: str | None = None) -> None:
-        """What KoboldCpp's /api/extra/perf and /api/extra/last_logprobs report."""
+        """What KoboldCpp's /api/extra/perf and /api/extra/last_logprobs report; the log
+        says how much of the prompt was read, came from the cache, or was shifted."""
+        LOG.info("%s", reuse_report(result))
         with self._lock:
             self.perf.update(last_process=round(result.first_token_seconds or 0.0, 4),
                              last_eval=round(result.seconds - (result.first_token_seconds or 0.0), 4),
@@ -468,8 +481,9 @@ class Service:
         prompt = sum(r.prompt_tokens + r.softprompt_tokens for r in results)
         completion = sum(r.generated_tokens for r in results)
         cached = sum(r.cached_tokens for r in results)  # read from the cache of an earlier request, not run again
+        shifted = sum(r.shifted_tokens for r in results)  # of those, moved back past dropped text (context shift)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+                "prompt_tokens_details": {"cached_tokens": cached, **({"shifted_tokens": shifted} if shifted else {})}}
 
     def _register(self, streams: list[RequestStream], client: str, key: str | None = None) -> Generation:
         generation = Generation(key or uuid.uuid4().hex, streams, client)

@@ -165,12 +165,15 @@ def build_context(story: Story, tokenizer: Any, budget: int, block_share: float 
     )
 
 
-def turn_report(built: BuiltContext, prompt_tokens: int, cached_tokens: int | None) -> str:
+def turn_report(built: BuiltContext, prompt_tokens: int, cached_tokens: int | None, shifted_tokens: int = 0) -> str:
     """What a turn did with the story, for the status bar: whether it was trimmed and by how
-    much, and how much the model read (the rest came from the cache of the turn before)."""
+    much, whether the cache was shifted, and how much the model read (the rest came from the
+    cache of the turn before)."""
     parts = []
     if built.dropped_story_tokens:
         parts.append(f"story trimmed by {built.dropped_story_tokens} tokens (in blocks)")
+    if shifted_tokens:
+        parts.append(f"cache shifted ({shifted_tokens} tokens moved back, close to a fresh read)")
     if cached_tokens is not None:
         new = max(0, prompt_tokens - cached_tokens)
         parts.append(f"read {new} new tokens, {cached_tokens} from the cache" if cached_tokens
