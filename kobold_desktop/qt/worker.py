@@ -151,7 +151,8 @@ class ModelWorker(QObject):
     def generate(self, story: Story, settings: SamplingSettings, context_limit: int, shift: bool = False) -> None:
         def work():
             active = self.active
-            self.engine.context_shift = shift            budget = active.context_budget(settings, context_limit or None)
+            self.engine.context_shift = shift
+            budget = active.context_budget(settings, context_limit or None)
             built = build_context(story, active.loaded.tokenizer, budget)
             self.context_built.emit(built)
             result: GenerationResult | None = None
