@@ -28,12 +28,13 @@ def test_blocks_are_whole_quarters_of_the_room():
     assert trim_in_blocks(101, 100, share=0) == 1  # exactly the excess
 
 
-def play(engine, turns, block_share):
+def play(engine, turns, block_share, shift=False):
     """A story written turn by turn past the context (a 256-token model): the positions the
     model ran each turn, and each turn's prompt."""
     story = Story(prompt="Once upon a time, in a land of rivers and hills, a knight set out. " * 8)
     tokenizer = engine.loaded.tokenizer
     engine.prefix_cache.clear()
+    engine.context_shift = shift
     ran, prompts = [], []
     for turn in range(turns):
         story.actions.append(Action(f" Day {turn}.", "user"))
@@ -56,6 +57,17 @@ def test_past_the_context_most_turns_read_only_what_is_new(engine):
     assert len(starts) < len(prompts[4:]) / 2  # the start moved in blocks, not every turn
 
 
+def test_with_context_shift_the_turns_where_a_block_goes_read_only_what_is_new_too(model_dirs):
+    engine = Engine()
+    engine.load(model_dirs["llama"], FLOAT32)  # a RoPE model: it can shift
+    blocks, prompts = play(engine, 16, block_share=0.25)
+    shifted, _ = play(engine, 16, block_share=0.25, shift=True)
+    full = len(prompts[-1])
+    assert max(blocks[4:]) > 0.7 * full  # without: a turn where a block went read everything again
+    assert max(shifted[4:]) < 0.35 * full  # with: it moved the cache instead
+    engine.unload()
+
+
 def test_the_model_sees_exactly_the_prompt_it_is_given(engine):
     """A turn that reused the cache writes what a fresh read of the same prompt writes."""
     _, prompts = play(engine, 10, block_share=0.25)
@@ -74,6 +86,8 @@ def test_the_status_bar_says_what_a_turn_did(engine):
     said = turn_report(built, len(built.ids), 150)
     assert f"story trimmed by {built.dropped_story_tokens} tokens" in said
     assert f"read {len(built.ids) - 150} new tokens, 150 from the cache" in said
+    assert "cache shifted (120 tokens moved back" in turn_report(built, len(built.ids), 150, 120)
+    assert "shifted" not in said
     assert "read all 200 tokens" in turn_report(build_context(Story(prompt="Hi."), engine.loaded.tokenizer, 100), 200, 0)
 
 
