@@ -70,8 +70,11 @@ def resolve_model(model: str | None) -> str:
     )
 
 
-def model_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="M", help="model folder, GGUF file or Hugging Face id (default: the demo model)")
+def model_argument(p: argparse.ArgumentParser, training: bool = False) -> None:
+    p.add_argument("--model", metavar="M", help="model folder, GGUF file or Hugging Face id (default: the demo model)"
+                   + ("; a GGUF's weights are dequantized by transformers for training (the `gguf` package, "
+                      "in the [gguf] extra), once: they are kept in the cache for the next time"
+                      if training else ""))
 
 
 def json_flag(p: argparse.ArgumentParser, help: str = "print one JSON object") -> None:

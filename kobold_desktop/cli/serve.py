@@ -128,8 +128,8 @@ def serve(service, config, args: argparse.Namespace) -> int:
 def add_parser(commands) -> None:
     """serve MODEL [--prompt-adapters NAME=PATH ...] ..."""
     v = commands.add_parser("serve", help="OpenAI- and KoboldAI-compatible server; each soft prompt is a model")
-    v.add_argument("model", nargs="?", metavar="MODEL", help="model folder or Hugging Face id (default: the config's, "
-                   "else the demo model)")
+    v.add_argument("model", nargs="?", metavar="MODEL", help="model folder, GGUF file (llama.cpp) or Hugging Face id "
+                   "(default: the config's, else the demo model)")
     v.add_argument("--prompt-adapters", nargs="+", metavar="NAME=PATH",
                    help="more soft prompts to serve as models: a zip, a PEFT folder or a library name each")
     v.add_argument("--only-prompt-adapters", action="store_true",

@@ -158,7 +158,8 @@ def cmd_softprompt_rank(args: argparse.Namespace) -> int:
     engine = Engine()
     model = resolve_model(args.model)
     print(f"Loading {model} ...", file=sys.stderr)
-    engine.load(model, load_options(args))
+    engine.load(model, load_options(args), trainable=True,
+                say=lambda message: print(message[0].upper() + message[1:], file=sys.stderr))
     engine.loaded.require_transformers("Ranking soft prompts")
     prepared = [engine.prepare_softprompts([f]) for f in files]
     loaded = engine.loaded
@@ -215,7 +216,7 @@ def add_parser(commands) -> None:
 
     p = sp_commands.add_parser("rank", help="score soft prompts on a text and learn a mixture's weights")
     p.add_argument("softprompts", nargs="+", metavar="SP", help="soft prompts (paths or library names)")
-    model_argument(p)
+    model_argument(p, training=True)
     p.add_argument("--data", required=True, metavar="PATH", help="a .txt file, a folder of .txt files, or a story")
     p.add_argument("--out", metavar="MIX.json", help="write the mixture with the learned weights")
     p.add_argument("--mode", choices=["bayes", "fixed"], default="bayes", help="the written mixture's mode")

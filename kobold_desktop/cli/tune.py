@@ -61,7 +61,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # Gradients want float32 on a CPU (bfloat16 there is for reading, not for learning);
     # GPUs tune float32 weights under autocast, or float16 weights with loss scaling.
     dtype = args.dtype or ("float32" if choose_device(args.device).type == "cpu" else None)
-    loaded = engine.load(model, load_options(args, dtype=dtype))
+    loaded = engine.load(model, load_options(args, dtype=dtype), trainable=True,
+                         say=lambda message: print(message[0].upper() + message[1:], file=sys.stderr))
     loaded.require_transformers("Tuning")
     blocks = make_blocks(text, loaded.tokenizer, config.block_len, config.held_out_share, config.seed)
     print(f"{blocks.train.shape[0]} training blocks, {blocks.held_out.shape[0]} held out, "
@@ -75,7 +76,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                   notice=lambda message: print(message, file=sys.stderr))
     sys.stderr.write("\n")
     meta = Metadata(name=args.name or out.stem, authors=tuple(args.author or ()), description=args.description or "")
-    path = export_softprompt(result.tensor, out, meta, loaded.info.name, args.peft_out)
+    path = export_softprompt(result.tensor, out, meta, loaded.info.name, args.peft_out, loaded.fingerprint)
     checkpoint.unlink(missing_ok=True)
     print(f"wrote {path}" + (f" and {args.peft_out}" if args.peft_out else ""))
     if result.held_out_loss is not None and result.baseline_held_out_loss is not None:
@@ -105,7 +106,7 @@ def _tune_mixture(args: argparse.Namespace, engine, loaded, blocks, config, targ
     for i, (tensor, zip_path) in enumerate(zip(result.tensors, zips), 1):
         meta = Metadata(name=f"{name} {i}", authors=tuple(args.author or ()),
                         description=(args.description or f"Member {i} of the mixture '{name}'."))
-        export_softprompt(tensor, zip_path, meta, loaded.info.name)
+        export_softprompt(tensor, zip_path, meta, loaded.info.name, fingerprint=loaded.fingerprint)
     mixture = Mixture(name, "bayes", tuple(MixtureMember(z.name, round(w, 6)) for z, w in zip(zips, result.weights)))
     write_mixture(mixture_path, mixture)
     print(f"wrote {', '.join(str(z) for z in zips)} and {mixture_path}")
@@ -119,7 +120,7 @@ def _tune_mixture(args: argparse.Namespace, engine, loaded, blocks, config, targ
 def add_parser(commands) -> None:
     """tune --model M --data PATH --out FILE.zip ..."""
     t = commands.add_parser("tune", help="create a soft prompt from your own writing")
-    model_argument(t)
+    model_argument(t, training=True)
     t.add_argument("--data", required=True, metavar="PATH", help="a .txt file, a folder of .txt files, or a story")
     t.add_argument("--out", required=True, metavar="FILE.zip",
                    help="the soft prompt to write; a bare name goes into your soft prompt folder")

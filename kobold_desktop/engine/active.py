@@ -203,7 +203,7 @@ def prepare_softprompts(loaded: "LoadedModel", sources: Sequence[SoftPrompt | st
         if path.suffix.lower() != ".json":
             require_compatible(describe_softprompt(path, limits), loaded.hidden_size)
         softprompt, tensor = load_softprompt(path, limits)
-        warnings += require_compatible(softprompt, loaded.hidden_size, loaded.info.name)
+        warnings += require_compatible(softprompt, loaded.hidden_size, loaded.info.name, loaded.fingerprint)
         described.append(softprompt)
         tensors.append(tensor)
     tensor = torch.cat([t.to(torch.float32) if t.dtype != tensors[0].dtype else t for t in tensors])

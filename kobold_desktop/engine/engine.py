@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from kobold_desktop.engine.active import Active, ActiveMixture, ActiveSoftPrompt, Allow, Source, prepare, \
     prepare_again, prepare_mixture, prepare_softprompts
 from kobold_desktop.engine.errors import ModelError
 from kobold_desktop.engine.generate import GenerationResult, StreamEvent, collect, run_requests, stream_request
-from kobold_desktop.engine.loader import LoadedModel, LoadOptions, Progress, load_model
+from kobold_desktop.engine.loader import LoadedModel, LoadOptions, Progress, load_model, load_trainable
 from kobold_desktop.engine.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 from kobold_desktop.engine.sampling import SamplingSettings
 from kobold_desktop.engine.sequence import Request
@@ -52,13 +52,18 @@ class Engine:
     def is_loaded(self) -> bool:
         return self._loaded is not None and self._loaded.model is not None
 
-    def load(self, source: str | Path, options: LoadOptions = LoadOptions(), progress: Progress | None = None) -> LoadedModel:
+    def load(self, source: str | Path, options: LoadOptions = LoadOptions(), progress: Progress | None = None,
+             *, trainable: bool = False, say: Callable[[str], None] | None = None) -> LoadedModel:
         """Load a model, replacing (and freeing) the current one. The soft prompt is kept
-        if it fits the new model, and dropped otherwise."""
+        if it fits the new model, and dropped otherwise. `trainable`: weights to train
+        through (a GGUF is dequantized by transformers, `loader.load_trainable`; `say`
+        hears what that takes)."""
         with self.lock:
             previous = self._softprompt
             self.unload()
-            self._loaded = load_model(source, options, progress or (lambda m, f: None))
+            progress = progress or (lambda m, f: None)
+            self._loaded = (load_trainable(source, options, progress, say or (lambda m: None)) if trainable
+                            else load_model(source, options, progress))
             if previous is not None:
                 try:
                     self._softprompt = self._prepare_again(previous)

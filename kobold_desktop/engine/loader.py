@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -97,6 +97,16 @@ class LoadedModel:
     @property
     def context_length(self) -> int:
         return self.info.context_length or 2048
+
+    @property
+    def fingerprint(self) -> str | None:
+        """What the model is (`engine/fingerprint.py`): its vocabulary and shape, hashed."""
+        if "_fingerprint" not in self.__dict__:
+            from kobold_desktop.engine.fingerprint import of_tokenizer
+
+            self.__dict__["_fingerprint"] = (of_tokenizer(self.tokenizer, self.hidden_size, self.info.layers)
+                                             if self.tokenizer is not None else None)
+        return self.__dict__["_fingerprint"]
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -249,9 +259,36 @@ def load_gguf(source: str | Path, options: LoadOptions = LoadOptions(), progress
     progress(f"Loading {path.name} with llama.cpp", 0.2)
     model = GgufModel(path, GgufOptions(threads=options.threads, context=options.context,
                                         gpu_layers=options.gpu_layers))
-    info = ModelInfo(model.name, model.hidden_size, model.context_length, model.architecture)
+    layers = model.meta(f"{model.architecture}.block_count")
+    info = ModelInfo(model.name, model.hidden_size, model.context_length, model.architecture,
+                     int(layers) if layers and layers.isdigit() else None)
     progress("Ready", 1.0)
     return LoadedModel(model, GgufTokenizer(model), info, str(path), torch.float32, runtime=GgufBackend(model))
+
+
+def load_trainable(source: str | Path, options: LoadOptions = LoadOptions(), progress: Progress = _no_progress,
+                   say: Callable[[str], None] = lambda message: None) -> LoadedModel:
+    """A model to train through (tuning, ranking, mixture weights): transformers weights.
+    A GGUF file is dequantized by transformers (`llamacpp/dequantize.py`: exactly the numbers
+    llama.cpp runs, cached after the first time) and keeps the file's name and source, so
+    what is made on it is made for the GGUF. `say` hears what that will take first."""
+    source = str(source)
+    if not _is_gguf_source(source):
+        return load_model(source, options, progress)
+    from kobold_desktop.engine.llamacpp.dequantize import dequantized_folder
+    from kobold_desktop.engine.llamacpp.header import gguf_info
+
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ModelError(f"no GGUF file at '{source}'.")
+    name = gguf_info(path)[0]
+    dtype, _ = dtype_choice(choose_device(options.device), options.dtype)
+    progress(f"Reading the weights of {path.name} for training", 0.05)
+    folder = dequantized_folder(path, dtype, say)
+    loaded = load_transformers(str(folder), replace(options, dtype=str(dtype).removeprefix("torch.")), progress)
+    loaded.info = replace(loaded.info, name=name)
+    loaded.source = str(path)
+    return loaded
 
 
 # Which backend loads a source: the first whose test takes it. (The embeddings-only

@@ -14,6 +14,7 @@ class ModelInfo:
     hidden_size: int
     context_length: int | None
     architecture: str
+    layers: int | None = None  # transformer blocks (part of the model's fingerprint)
 
 
 def model_name(model: str | Path) -> str:
@@ -30,8 +31,12 @@ def read_model_info(model: str | Path, *, trust_remote_code: bool = False) -> Mo
     if str(model).lower().endswith(".gguf") and Path(model).expanduser().is_file():
         from kobold_desktop.engine.llamacpp.header import gguf_info
 
+        from kobold_desktop.engine.llamacpp.header import read_metadata
+
         name, arch, hidden, context = gguf_info(model)
-        return ModelInfo(name, hidden, min(context, 4096) if context else None, arch)
+        layers = read_metadata(model, ("{arch}.block_count",)).get(f"{arch}.block_count")
+        return ModelInfo(name, hidden, min(context, 4096) if context else None, arch,
+                         layers if isinstance(layers, int) else None)
 
     try:
         config = AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code)
@@ -51,4 +56,6 @@ def read_model_info(model: str | Path, *, trust_remote_code: bool = False) -> Mo
             context = value
             break
     architectures = getattr(config, "architectures", None) or [config.model_type]
-    return ModelInfo(model_name(model), hidden, context, architectures[0])
+    layers = next((v for v in (getattr(text_config, a, None) for a in ("num_hidden_layers", "n_layer", "num_layers"))
+                   if isinstance(v, int)), None)
+    return ModelInfo(model_name(model), hidden, context, architectures[0], layers)

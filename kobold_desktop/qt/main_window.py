@@ -665,7 +665,7 @@ class MainWindow(QMainWindow):
             self.softprompt_panel.set_server(None)
         self.model_label.setText(
             f"{status.name} · {status.device} · {status.dtype} · context {status.context_length}")
-        self.softprompt_panel.set_model(status.hidden_size, status.name)
+        self.softprompt_panel.set_model(status.hidden_size, status.name, status.fingerprint)
         self.sampler_panel.context_size.setMaximum(status.context_length)
         self.sampler_panel.allow_shift(status.shift_refusal)
         self.settings.set("model.last", status.source)

@@ -110,6 +110,7 @@ class SoftPromptPanel(QWidget):
         self.library = library
         self.hidden_size: int | None = None
         self.model_name: str | None = None
+        self.model_fingerprint: str | None = None  # what the model is (engine/fingerprint.py)
         self.active_choices: tuple[Choice, ...] = ()
         self.light_status: SoftPromptStatus | None = None
         self.outside: LibraryEntry | None = None  # the active soft prompt, when it is not in a library folder
@@ -226,7 +227,7 @@ class SoftPromptPanel(QWidget):
         if entry.is_mixture:
             item = QListWidgetItem(f"{entry.name} (mixture, {entry.mixture.mode})\n"
                                    f"{entry.mixture.label.removeprefix('Mixture: ')}")
-            compat = entry.compatibility(self.hidden_size, self.model_name)
+            compat = entry.compatibility(self.hidden_size, self.model_name, self.model_fingerprint)
             if not compat.ok:
                 item.setForeground(QBrush(GREY))
                 item.setText(item.text() + f"\ncannot be used: {compat.reason}")
@@ -237,7 +238,7 @@ class SoftPromptPanel(QWidget):
         else:
             byline = f" · by {sp.author}" if sp.authors else ""
             item = QListWidgetItem(f"{sp.name} ({sp.n_tokens} tokens)\n{entry.file_name}{byline}")
-            compat = entry.compatibility(self.hidden_size, self.model_name)
+            compat = entry.compatibility(self.hidden_size, self.model_name, self.model_fingerprint)
             if not compat.ok:
                 item.setForeground(QBrush(GREY))
                 item.setText(item.text() + f"\ndoes not fit: {compat.reason}")
@@ -250,7 +251,7 @@ class SoftPromptPanel(QWidget):
     def fits(self, entry: LibraryEntry | None) -> tuple[bool, str]:
         if entry is None or isinstance(entry, ServerEntry):
             return True, ""
-        compat = entry.compatibility(self.hidden_size, self.model_name)
+        compat = entry.compatibility(self.hidden_size, self.model_name, self.model_fingerprint)
         return compat.ok, compat.reason
 
     def _update_details(self) -> None:
@@ -302,8 +303,8 @@ class SoftPromptPanel(QWidget):
     def open_folder(self) -> None:
         QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.library.user_folder)))
 
-    def set_model(self, hidden_size: int | None, model_name: str | None) -> None:
-        self.hidden_size, self.model_name = hidden_size, model_name
+    def set_model(self, hidden_size: int | None, model_name: str | None, fingerprint: str | None = None) -> None:
+        self.hidden_size, self.model_name, self.model_fingerprint = hidden_size, model_name, fingerprint
         self.refresh()
 
     def show_live_weights(self, weights) -> None:

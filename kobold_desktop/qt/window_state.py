@@ -52,6 +52,7 @@ class ModelStatus:
     hidden_size: int
     remote: bool = False  # a server writes (Model ▸ Connect to server…), not a local model
     shift_refusal: str | None = None  # why context shift cannot run on this model (None: it can)
+    fingerprint: str | None = None  # what the model is, for "made for this model" (engine/fingerprint.py)
 
 
 @dataclass

@@ -59,6 +59,7 @@ class ModelWorker(QObject):
         self.remote = None  # a RemoteSession while the window writes with a server
         self.cancel_event = threading.Event()
         self.library: SoftPromptLibrary | None = None  # names and a mixture's members are looked up here
+        self._training_copy = None  # (the GGUF's LoadedModel, its weights dequantized for training)
         self.runner = JobRunner("model", self)
         self.runner.started.connect(self.started)
         self.runner.errored.connect(lambda _job, message: self.errored.emit(message))
@@ -81,7 +82,8 @@ class ModelWorker(QObject):
         return ModelStatus(name=loaded.info.name, source=loaded.source, device=loaded.device_label,
                            dtype=loaded.precision, context_length=loaded.context_length,
                            hidden_size=self.active.hidden_size, remote=self.remote is not None,
-                           shift_refusal=None if self.remote is not None else loaded.shift_refusal())
+                           shift_refusal=None if self.remote is not None else loaded.shift_refusal(),
+                           fingerprint=None if self.remote is not None else loaded.fingerprint)
 
     def _report_state(self) -> None:
         self.model_loaded.emit(self.model_status())
@@ -97,6 +99,7 @@ class ModelWorker(QObject):
         def work():
             gc.unfreeze()  # the model being replaced can be collected
             self.remote = None  # a local model replaces a server
+            self._drop_training_copy()
             try:
                 self.engine.load(source, options, progress=self.progress.emit)
             finally:  # after a failure too: the old model is gone, and the window must say so
@@ -130,6 +133,7 @@ class ModelWorker(QObject):
                 self.remote = None
                 self._report_state()
                 return  # the model's objects can be collected again
+            self._drop_training_copy()
             self.engine.unload()  # waits for the engine's lock (a server request may hold it)
             self._report_state()
 
@@ -176,14 +180,13 @@ class ModelWorker(QObject):
         from kobold_desktop.tuning.export import export_softprompt
 
         def work():
-            loaded = self.engine.loaded
             text = "\n\n".join(read_training_text(path) for path in request.files)
-            loaded.require_transformers("Tuning")
+            loaded = self._trainable("Tuning")
             config = request.config
             blocks = make_blocks(text, loaded.tokenizer, config.block_len, config.held_out_share, config.seed)
             stem = safe_stem(request.meta.name or "softprompt")
             if request.mixture >= 2:
-                self._tune_mixture(request, blocks, stem)
+                self._tune_mixture(loaded, request, blocks, stem)
                 return
             checkpoint = paths.user_cache_dir() / "tuning" / f"{stem}.ckpt"
             with self.engine.lock:
@@ -198,13 +201,39 @@ class ModelWorker(QObject):
             out, counter = folder / f"{stem}.zip", 2
             while out.exists():
                 out, counter = folder / f"{stem} ({counter}).zip", counter + 1
-            path = export_softprompt(result.tensor, out, request.meta, loaded.info.name)
+            path = export_softprompt(result.tensor, out, request.meta, loaded.info.name,
+                                     fingerprint=loaded.fingerprint)
             checkpoint.unlink(missing_ok=True)
             self.tuned.emit(path, result)
 
         self._run(Job.TUNE, work)
 
-    def _tune_mixture(self, request, blocks, stem: str) -> None:
+    def _trainable(self, what: str):
+        """The loaded model's weights to train through: the model itself on transformers; for
+        a GGUF, its weights dequantized by transformers (`loader.load_trainable`, cached on
+        disk after the first time), loaded once and kept beside it until the model changes."""
+        from kobold_desktop.engine.device import choose_device
+        from kobold_desktop.engine.loader import LoadOptions, load_trainable
+
+        loaded = self.engine.loaded
+        if loaded.runtime.trainable:
+            return loaded
+        if loaded.backend != "llama.cpp":
+            loaded.require_transformers(what)  # says why not
+        if self._training_copy is None or self._training_copy[0] is not loaded:
+            self._drop_training_copy()
+            dtype = "float32" if choose_device(None).type == "cpu" else None  # gradients want float32 on a CPU
+            trainable = load_trainable(loaded.source, LoadOptions(dtype=dtype), self.progress.emit,
+                                       lambda message: self.progress.emit(message[0].upper() + message[1:], 0.0))
+            self._training_copy = (loaded, trainable)
+        return self._training_copy[1]
+
+    def _drop_training_copy(self) -> None:
+        if self._training_copy is not None:
+            self._training_copy[1].unload()
+            self._training_copy = None
+
+    def _tune_mixture(self, loaded, request, blocks, stem: str) -> None:
         """K soft prompts and their weights, trained together; K zips and a mixture file."""
         from kobold_desktop import paths
         from kobold_desktop.softprompt import Metadata
@@ -212,7 +241,6 @@ class ModelWorker(QObject):
         from kobold_desktop.tuning.export import export_softprompt
         from kobold_desktop.tuning.mixture import train_mixture
 
-        loaded = self.engine.loaded
         with self.engine.lock:
             result = train_mixture(loaded.model, loaded.tokenizer, blocks, request.config, request.mixture,
                                    progress=self.tune_progress.emit, cancel=self.cancel_event)
@@ -228,7 +256,8 @@ class ModelWorker(QObject):
         for i, tensor in enumerate(result.tensors, 1):
             meta = Metadata(name=f"{name} {i}", authors=request.meta.authors,
                             description=request.meta.description or f"Member {i} of the mixture '{name}'.")
-            zips.append(export_softprompt(tensor, folder / f"{base}-{i}.zip", meta, loaded.info.name))
+            zips.append(export_softprompt(tensor, folder / f"{base}-{i}.zip", meta, loaded.info.name,
+                                          fingerprint=loaded.fingerprint))
         mixture = Mixture(name, "bayes", tuple(MixtureMember(z.name, round(w, 6)) for z, w in zip(zips, result.weights)))
         self.tuned.emit(write_mixture(folder / f"{base}.json", mixture), result)
 
@@ -238,8 +267,7 @@ class ModelWorker(QObject):
         from kobold_desktop.tuning.mixture import rank_softprompts
 
         def work():
-            loaded = self.engine.loaded
-            loaded.require_transformers("Learning weights")
+            loaded = self._trainable("Learning weights")
             text = request.text or "\n\n".join(read_training_text(path) for path in request.files)
             prepared = [self.engine.prepare_softprompts([path]) for path in request.softprompts]
             blocks = make_blocks(text, loaded.tokenizer, request.block_len, request.held_out_share, 1234)

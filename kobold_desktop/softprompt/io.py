@@ -140,9 +140,11 @@ def _model_matches(supported: str, model_name: str) -> bool:
 
 
 def check_compatibility(
-    softprompt: SoftPrompt, hidden_size: int | None, model_name: str | None = None
+    softprompt: SoftPrompt, hidden_size: int | None, model_name: str | None = None, fingerprint: str | None = None
 ) -> Compatibility:
-    """Whether a soft prompt fits a model: hidden size must match; `supported` only warns."""
+    """Whether a soft prompt fits a model: hidden size must match. Whether it was made for
+    this model only warns: by the model's fingerprint (its vocabulary and shape,
+    engine/fingerprint.py) when both are known, else by the names in `supported`."""
     if hidden_size is not None and softprompt.hidden_size != hidden_size:
         return Compatibility(
             False,
@@ -150,6 +152,12 @@ def check_compatibility(
             f"{hidden_size}",
         )
     warnings: tuple[str, ...] = ()
+    if fingerprint and softprompt.made_for:
+        if softprompt.made_for != fingerprint:
+            made_for = ", ".join(softprompt.supported) or "another model"
+            warnings = (f"made for {made_for}, whose vocabulary or shape differ from "
+                        f"{model_name or 'this model'}'s; it may work poorly with this model.",)
+        return Compatibility(True, warnings=warnings)
     if model_name and softprompt.supported:
         if not any(_model_matches(s, model_name) for s in softprompt.supported):
             warnings = (
@@ -160,10 +168,10 @@ def check_compatibility(
 
 
 def require_compatible(
-    softprompt: SoftPrompt, hidden_size: int, model_name: str | None = None
+    softprompt: SoftPrompt, hidden_size: int, model_name: str | None = None, fingerprint: str | None = None
 ) -> tuple[str, ...]:
     """Raise `HiddenSizeMismatchError` if it cannot work; return the warnings otherwise."""
-    result = check_compatibility(softprompt, hidden_size, model_name)
+    result = check_compatibility(softprompt, hidden_size, model_name, fingerprint)
     if not result.ok:
         raise HiddenSizeMismatchError(result.reason + ".", softprompt.path)
     return result.warnings

@@ -99,20 +99,21 @@ class LibraryEntry:
     def file_name(self) -> str:
         return self.path.name
 
-    def compatibility(self, hidden_size: int | None, model_name: str | None = None) -> Compatibility:
+    def compatibility(self, hidden_size: int | None, model_name: str | None = None,
+                      fingerprint: str | None = None) -> Compatibility:
         if self.mixture is not None:
             warnings: list[str] = []
             for member, found in zip(self.mixture.members, self.members):
                 if found is None:
                     return Compatibility(False, f"member '{member.softprompt}' is missing")
-                compat = found.compatibility(hidden_size, model_name)
+                compat = found.compatibility(hidden_size, model_name, fingerprint)
                 if not compat.ok:
                     return Compatibility(False, f"member '{member.softprompt}': {compat.reason}")
                 warnings += compat.warnings
             return Compatibility(True, "", tuple(warnings))
         if self.softprompt is None:
             return Compatibility(False, self.error.reason if self.error else "unreadable")
-        return check_compatibility(self.softprompt, hidden_size, model_name)
+        return check_compatibility(self.softprompt, hidden_size, model_name, fingerprint)
 
     def to_dict(self) -> dict:
         if self.mixture is not None:

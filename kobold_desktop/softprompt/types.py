@@ -39,6 +39,11 @@ DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
+# The fingerprint of the model a soft prompt was made on (engine/fingerprint.py), kept in its
+# metadata: meta.json in a KoboldAI zip, our metadata entry in a PEFT adapter's safetensors.
+FINGERPRINT_KEY = "model_fingerprint"
+
+
 class SoftPrompt:
     """A soft prompt file described from its headers; the tensor loads on demand.
 
@@ -64,6 +69,12 @@ class SoftPrompt:
     @property
     def author(self) -> str:
         return ", ".join(self.authors)
+
+    @property
+    def made_for(self) -> str | None:
+        """The fingerprint of the model it was made on, when its metadata says."""
+        value = self.meta.get(FINGERPRINT_KEY) if isinstance(self.meta, Mapping) else None
+        return value if isinstance(value, str) and value else None
 
     @property
     def file_name(self) -> str:

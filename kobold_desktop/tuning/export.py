@@ -9,6 +9,7 @@ import torch
 from kobold_desktop import paths
 from kobold_desktop.softprompt import Metadata, kobold_zip, peft_dir
 from kobold_desktop.softprompt.errors import DestinationExistsError
+from kobold_desktop.softprompt.types import FINGERPRINT_KEY
 
 
 def output_path(out: Path | str) -> Path:
@@ -28,12 +29,15 @@ def export_softprompt(
     meta: Metadata,
     model_name: str,
     peft_out: Path | str | None = None,
+    fingerprint: str | None = None,
 ) -> Path:
-    """Write the KoboldAI zip (meta.json's `supported` names the base model) and, if
-    asked, a PEFT adapter folder. Never overwrites."""
+    """Write the KoboldAI zip (meta.json's `supported` names the base model, and
+    `model_fingerprint` says what it is, engine/fingerprint.py) and, if asked, a PEFT
+    adapter folder. Never overwrites."""
     zip_path = output_path(out)
+    raw = {**meta.raw, **({FINGERPRINT_KEY: fingerprint} if fingerprint else {})}
     meta = Metadata(name=meta.name or zip_path.stem, authors=meta.authors, description=meta.description,
-                    supported=(model_name,), raw=meta.raw)
+                    supported=(model_name,), raw=raw)
     if peft_out is not None and Path(peft_out).exists():
         raise DestinationExistsError("already exists; choose another folder for the PEFT adapter.", Path(peft_out))
     try:

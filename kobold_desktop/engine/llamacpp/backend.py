@@ -16,8 +16,10 @@ if TYPE_CHECKING:
 class GgufBackend:
     name = "llama.cpp"
     trainable = False
-    training_refusal = ("'{file}' is a GGUF file for llama.cpp. Use the transformers model it was converted "
-                        "from: a soft prompt made on it works on the GGUF too.")
+    # llama.cpp cannot train; tuning and ranking read a GGUF's weights through transformers
+    # instead (`loader.load_trainable`), so this is said only where that is not offered.
+    training_refusal = ("'{file}' is a GGUF file for llama.cpp, which cannot train; load it for training "
+                        "(kobold-desktop tune and softprompt rank do).")
 
     def __init__(self, model: GgufModel):
         self.model = model

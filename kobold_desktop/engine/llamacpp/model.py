@@ -375,6 +375,10 @@ class GgufTokenizer:
     def __len__(self) -> int:
         return self._model.n_vocab
 
+    def get_vocab(self) -> dict[str, int]:
+        """Each token's text (as the file stores it: byte-level or SentencePiece pieces) and id."""
+        return {self._model.token_text(i): i for i in range(self._model.n_vocab)}
+
     def __call__(self, text: str, add_special_tokens: bool = True, **_: Any) -> dict[str, list[int]]:
         return {"input_ids": self._model.tokenize(text, add_special_tokens)}
 
