@@ -38,12 +38,12 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-@dataclass(frozen=True)
 # The fingerprint of the model a soft prompt was made on (engine/fingerprint.py), kept in its
 # metadata: meta.json in a KoboldAI zip, our metadata entry in a PEFT adapter's safetensors.
 FINGERPRINT_KEY = "model_fingerprint"
 
 
+@dataclass(frozen=True)
 class SoftPrompt:
     """A soft prompt file described from its headers; the tensor loads on demand.
 
