@@ -8,7 +8,7 @@ Debian packages carry:
 - **Verse** (`fortunes`, `songs-poems`): lines of poems and songs.
 
     apt-get install bible-kjv fortunes
-    .venv/bin/python assets/build_smollm2_softprompts.py [--steps 300]
+    .venv/bin/python assets/build_smollm2_softprompts.py [--steps 200] [--lr 0.1]
 
 For each style every 8th piece is held out: it goes to tests/data/smollm2-styles/NAME.txt,
 where a test checks each soft prompt still lowers the loss on it. The loss with and without
@@ -68,8 +68,9 @@ STYLES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--only", nargs="*", help="styles to build (default: all)")
     args = parser.parse_args()
 
@@ -94,7 +95,7 @@ def main() -> None:
         train = [p for i, p in enumerate(pieces) if (i - 3) % 8 != 0]
         (eval_dir / f"{name}.txt").write_text("\n\n".join(held) + "\n", encoding="utf-8")
         # Short blocks: the soft prompt learns to set the style where there is little text.
-        config = TuningConfig(n_tokens=args.tokens, steps=args.steps, lr=0.03, batch_size=8, block_len=32,
+        config = TuningConfig(n_tokens=args.tokens, steps=args.steps, lr=args.lr, batch_size=8, block_len=32,
                               init="text", init_text=style["init_text"], held_out_share=0.02, eval_every=100)
         blocks = make_blocks("\n\n".join(train), loaded.tokenizer, config.block_len, config.held_out_share,
                              config.seed)

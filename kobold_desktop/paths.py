@@ -85,6 +85,9 @@ def smollm2_gguf() -> Path | None:
     the `llm` tool, which we do not install)."""
     import importlib.util
 
+    bundled = bundle_root() / "assets" / SMOLLM2_FILE  # the bundle carries the file itself
+    if bundled.is_file():
+        return bundled
     try:
         spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     except (ImportError, ValueError):
