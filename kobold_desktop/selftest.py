@@ -86,9 +86,15 @@ def run_self_test(out=print) -> int:
         valid = [e for e in entries if e.valid]
         if not valid:
             raise RuntimeError(f"no readable soft prompt in {paths.bundled_softprompt_dir()}")
-        state["softprompt"] = valid[0]
-        state["softprompts"] = [e for e in valid if e.softprompt is not None]
-        return ", ".join(f"{e.name} ({e.softprompt.n_tokens} tokens)" for e in valid)
+        # The demo model's own (the folder also has SmolLM2's, of another width)
+        hidden = state["engine"].hidden_size if "engine" in state else None
+        fitting = [e for e in valid if e.softprompt is not None and e.compatibility(hidden).ok]
+        if not fitting:
+            raise RuntimeError(f"no soft prompt in {paths.bundled_softprompt_dir()} fits the demo model")
+        state["softprompt"] = fitting[0]
+        state["softprompts"] = fitting
+        return ", ".join(f"{e.name} ({e.softprompt.n_tokens} tokens{'' if e in fitting else ', another model'})"
+                         for e in valid)
 
     def generate_without() -> str:
         engine = state["engine"]

@@ -12,13 +12,15 @@ from kobold_desktop.softprompt import Metadata, kobold_zip
 
 @pytest.fixture
 def fake_bundle(tmp_path, monkeypatch, model_dirs):
-    """A bundle root with a demo model (a tiny one) and a bundled soft prompt."""
+    """A bundle root with a demo model (a tiny one), a bundled soft prompt for it and one made
+    for another model (the bundle carries SmolLM2's too), which comes first by name."""
     import shutil
 
     root = tmp_path / "bundle"
     shutil.copytree(model_dirs["gpt2"], root / "assets" / "demo-model")
     (root / "softprompts").mkdir()
     kobold_zip.write(root / "softprompts" / "psalms.zip", torch.randn(6, 32), Metadata(name="Psalms"))
+    kobold_zip.write(root / "softprompts" / "King James (SmolLM2).zip", torch.randn(5, 576), Metadata(name="King James"))
     monkeypatch.setattr(paths, "bundle_root", lambda: root)
     return root
 

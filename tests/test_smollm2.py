@@ -131,3 +131,33 @@ def test_soft_prompts_and_a_mixture_run_on_the_server(smol_server):
     status, body = client.call("POST", "/api/v1/generate", {"prompt": "The dragon", "max_length": 8,
                                                             "soft_prompt": "mix", "temperature": 0.7})
     assert status == 200 and body["results"][0]["text"], body
+
+
+SHIPPED = ("King James", "Literature", "Verse")
+STYLE_TEXTS = paths.bundle_root() / "tests" / "data" / "smollm2-styles"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_shipped_soft_prompts_fit_and_lower_the_loss_on_their_style(forms, name):
+    """softprompts/NAME (SmolLM2).zip, made by assets/build_smollm2_softprompts.py: made for
+    this model by fingerprint, and better than no soft prompt on its held-out text at the
+    start of a text (32-token windows; the README gives the measured figures)."""
+    import contextlib
+
+    from kobold_desktop.engine.loader import load_trainable
+    from kobold_desktop.softprompt.io import load_softprompt
+    from kobold_desktop.softprompt.library import SoftPromptLibrary
+    from kobold_desktop.tuning import held_out_loss, make_blocks
+
+    loaded = load_trainable(forms["dequantized"], LoadOptions(dtype="float32"))
+    entry = next(e for e in SoftPromptLibrary(extra_folders=[]).entries() if e.file_name == f"{name} (SmolLM2).zip")
+    compat = entry.compatibility(loaded.hidden_size, "SmolLM2 135M Instruct", loaded.fingerprint)
+    assert compat.ok and not compat.warnings and entry.softprompt.made_for == loaded.fingerprint
+    _, rows = load_softprompt(entry.path)
+    text = (STYLE_TEXTS / f"{name}.txt").read_text(encoding="utf-8")
+    blocks = make_blocks(text, loaded.tokenizer, 32, 0.0, 0).train[:48]
+    with torch.no_grad():
+        with_sp = held_out_loss(loaded.model, rows.float(), blocks, 16, contextlib.nullcontext)
+        without = held_out_loss(loaded.model, None, blocks, 16, contextlib.nullcontext)
+    assert with_sp < 0.92 * without, (with_sp, without)
+    loaded.unload()
