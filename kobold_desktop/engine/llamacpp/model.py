@@ -83,7 +83,7 @@ class GgufOptions:
 
 DEFAULT_CONTEXT = 4096
 # Flash attention: llama.cpp's "auto" (-1) turns it on, which on a CPU made each token at
-# a 1,500-token story 4x slower here (0.10 s against 0.025 s, benchmarks/gguf.py); on a
+# a 1,500-token story 4x slower here (0.10 s against 0.025 s, benchmarks/gguf_speed.py); on a
 # GPU it saves memory and time. So: auto where layers are offloaded, off on the CPU.
 FLASH_ATTN_AUTO, FLASH_ATTN_OFF = -1, 0
 

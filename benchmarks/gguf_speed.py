@@ -1,6 +1,6 @@
 """GGUF models through llama.cpp against the transformers engine, on a model of real size.
 
-    python benchmarks/gguf.py [--layers 24] [--rounds 2]
+    python benchmarks/gguf_speed.py [--layers 24] [--rounds 2]
 
 A random Llama of 317M parameters (benchmarks/_llama.py's shape) is saved, converted by
 `kobold-desktop model convert` to f16, q8_0 and q4_K_M, and run:
