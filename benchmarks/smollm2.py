@@ -59,6 +59,9 @@ def speed(source: Path, options: LoadOptions) -> tuple[float, float]:
     firsts, rates = [], []
     for _ in range(2):
         engine.prefix_cache.clear()
+        own = getattr(engine.loaded.model, "prefix_cache", None)  # llama.cpp keeps its own
+        if own is not None:
+            own.clear()
         result = engine.generate(PROMPT, NEW)
         firsts.append(result.first_token_seconds)
         rates.append((result.generated_tokens - 1) / (result.seconds - result.first_token_seconds))
