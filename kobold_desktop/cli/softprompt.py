@@ -25,17 +25,19 @@ from kobold_desktop.softprompt.library import resolve_softprompt
 
 def cmd_softprompt_list(args: argparse.Namespace) -> int:
     library = library_of(args)
-    info = None
+    info = fingerprint = None
     if args.model:
+        from kobold_desktop.engine.fingerprint import of_source
         from kobold_desktop.engine.model_info import read_model_info
 
         info = read_model_info(args.model)
+        fingerprint = of_source(args.model, info)
     entries = library.scan()
     rows = []
     for entry in entries:
         row = entry.to_dict()
         if info is not None:
-            compat = entry.compatibility(info.hidden_size, info.name)
+            compat = entry.compatibility(info.hidden_size, info.name, fingerprint)
             row["compatible"] = compat.ok
             row["reason"] = compat.reason
             row["warnings"] = list(row.get("warnings", [])) + list(compat.warnings)
@@ -80,10 +82,12 @@ def cmd_softprompt_inspect(args: argparse.Namespace) -> int:
         "max": float(tensor.float().max()),
     }
     if args.model:
+        from kobold_desktop.engine.fingerprint import of_source
         from kobold_desktop.engine.model_info import read_model_info
 
         info = read_model_info(args.model)
-        data["warnings"] += list(require_compatible(softprompt, info.hidden_size, info.name))
+        data["warnings"] += list(require_compatible(softprompt, info.hidden_size, info.name,
+                                                    of_source(args.model, info)))
         data["model"] = {"name": info.name, "hidden_size": info.hidden_size}
     if args.json:
         print_json(data)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Any, Iterable
 
 _PLACEHOLDER = re.compile(r"\[PAD\d+\]|<dummy\d+>")
@@ -40,4 +41,26 @@ def of_tokenizer(tokenizer: Any, hidden_size: int, layers: int | None) -> str | 
     except (AttributeError, NotImplementedError, TypeError):
         return None
     return fingerprint(((int(i), str(t)) for t, i in vocab.items()), hidden_size, layers)
+
+
+def of_source(model: str | Path, info: Any) -> str | None:
+    """A model's fingerprint without loading its weights (`softprompt list --model`): its
+    tokenizer (a folder or a Hugging Face id in the cache), or a GGUF header's vocabulary
+    (with the `gguf` package). None when neither can be read: names decide then."""
+    path = Path(str(model)).expanduser()
+    try:
+        if path.is_file():
+            from gguf import GGUFReader
+
+            reader = GGUFReader(str(path), "r")
+            field = reader.fields.get("tokenizer.ggml.tokens")
+            if field is None:
+                return None
+            tokens = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+            return fingerprint(enumerate(tokens), info.hidden_size, info.layers)
+        from transformers import AutoTokenizer
+
+        return of_tokenizer(AutoTokenizer.from_pretrained(str(model)), info.hidden_size, info.layers)
+    except Exception:  # noqa: BLE001 - another library's failure only means "compare by name"
+        return None
 

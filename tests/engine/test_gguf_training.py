@@ -153,3 +153,26 @@ def test_rank_accepts_a_gguf(gguf_model, tmp_path, capsys):
     code = main(["softprompt", "rank", str(tmp_path / "a.zip"), str(tmp_path / "b.zip"), "--model",
                  str(gguf_model["q8_0"]), "--data", str(data), "--block-size", "32"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_softprompt_list_and_inspect_compare_fingerprints_without_loading_weights(gguf_model, tmp_path, capsys):
+    import json
+
+    from kobold_desktop.engine.fingerprint import of_source
+    from kobold_desktop.engine.model_info import read_model_info
+
+    made_for = load_model(gguf_model["dir"], FLOAT32).fingerprint
+    for source in (gguf_model["dir"], gguf_model["f32"], gguf_model["q8_0"]):
+        assert of_source(source, read_model_info(source)) == made_for  # tokenizer files or the GGUF header
+    folder = tmp_path / "sps"
+    folder.mkdir()
+    kobold_zip.write(folder / "same.zip", torch.randn(3, 64), Metadata(name="same", supported=("renamed-model",),
+                                                                        raw={"model_fingerprint": made_for}))
+    kobold_zip.write(folder / "other.zip", torch.randn(3, 64), Metadata(name="other", supported=("tiny-llama-q8_0",),
+                                                                         raw={"model_fingerprint": "0" * 16}))
+    assert main(["softprompt", "list", "--dir", str(folder), "--model", str(gguf_model["q8_0"]), "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["softprompts"]}
+    assert rows["same"]["compatible"] and not rows["same"]["warnings"]  # another name, the same model
+    assert "vocabulary or shape differ" in rows["other"]["warnings"][0]  # the same name, another model
+    assert main(["softprompt", "inspect", str(folder / "same.zip"), "--model", str(gguf_model["f32"])]) == 0
+    assert "warning" not in capsys.readouterr().err
