@@ -61,9 +61,31 @@ class TuningControl(QObject):
             self.tune_dialog = TuneDialog(self.window)
             self.tune_dialog.start_requested.connect(self.start_tuning)
             self.tune_dialog.cancel_requested.connect(self.window.stop)
+        note = self.training_note()
+        if note:
+            self.tune_dialog.status.setText(note)
         self.tune_dialog.show()
         self.tune_dialog.raise_()
         return self.tune_dialog
+
+    def training_note(self) -> str:
+        """With a GGUF loaded: what training on it will take (its weights are read through
+        transformers first: engine/llamacpp/dequantize.py), said before Start."""
+        model = self.window.state.model
+        if model is None or model.remote or not model.source.lower().endswith(".gguf"):
+            return ""
+        import torch
+
+        from kobold_desktop.engine.device import choose_device
+        from kobold_desktop.engine.llamacpp.dequantize import plan
+
+        dtype = torch.float32 if choose_device(None).type == "cpu" else torch.bfloat16
+        try:
+            said = plan(model.source, dtype).describe()
+        except (KoboldError, OSError) as exc:
+            return f"This GGUF runs on llama.cpp, which cannot train: {exc}"
+        return (f"This GGUF runs on llama.cpp, which cannot train. Start reads its weights through transformers: "
+                f"{said[0].lower() + said[1:]}.")
 
     def start_tuning(self, request: TuneRequest) -> None:
         window = self.window

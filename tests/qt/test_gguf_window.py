@@ -71,6 +71,7 @@ def test_create_softprompt_on_a_loaded_gguf(qtbot, gguf_model, tmp_path):
     data = tmp_path / "gguf writing.txt"
     data.write_text(PATTERN * 300)
     dialog = window.show_tune_dialog()
+    assert "which cannot train" in dialog.status.text() and "of memory with training" in dialog.status.text()
     dialog.add_paths([data])
     dialog.tokens.setValue(4)
     dialog.steps.setValue(10)
