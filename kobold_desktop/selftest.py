@@ -86,14 +86,13 @@ def run_self_test(out=print) -> int:
         valid = [e for e in entries if e.valid]
         if not valid:
             raise RuntimeError(f"no readable soft prompt in {paths.bundled_softprompt_dir()}")
-        # The demo model's own (the folder also has SmolLM2's, of another width)
-        hidden = state["engine"].hidden_size if "engine" in state else None
-        fitting = [e for e in valid if e.softprompt is not None and e.compatibility(hidden).ok]
+        fitting = fitting_bundled(state["engine"].hidden_size if "engine" in state else None)
         if not fitting:
             raise RuntimeError(f"no soft prompt in {paths.bundled_softprompt_dir()} fits the demo model")
         state["softprompt"] = fitting[0]
         state["softprompts"] = fitting
-        return ", ".join(f"{e.name} ({e.softprompt.n_tokens} tokens{'' if e in fitting else ', another model'})"
+        fits = {e.path for e in fitting}
+        return ", ".join(f"{e.name} ({e.softprompt.n_tokens} tokens{'' if e.path in fits else ', another model'})"
                          for e in valid)
 
     def generate_without() -> str:
@@ -186,18 +185,25 @@ def run_self_test(out=print) -> int:
     return 1 if failed or len(results) < 9 else 0
 
 
+def fitting_bundled(hidden_size: int | None) -> list:
+    """The bundled soft prompts that fit a model of this width: the demo model's own (the
+    folder also carries SmolLM2's, of another width)."""
+    from kobold_desktop.softprompt.library import SoftPromptLibrary
+
+    with tempfile.TemporaryDirectory() as user:
+        entries = SoftPromptLibrary(Path(user), [paths.bundled_softprompt_dir()]).scan()
+    return [e for e in entries if e.valid and e.softprompt is not None and e.compatibility(hidden_size).ok]
+
+
 def _gguf_check() -> str:
     """llama.cpp on the demo GGUF with a bundled soft prompt, against the float32
     transformers model token for token."""
     from kobold_desktop.engine import Engine, LoadOptions, SamplingSettings
-    from kobold_desktop.softprompt.library import SoftPromptLibrary
 
-    with tempfile.TemporaryDirectory() as user:
-        entries = [e for e in SoftPromptLibrary(Path(user), [paths.bundled_softprompt_dir()]).scan()
-                   if e.valid and e.softprompt is not None]
     greedy = SamplingSettings(max_new_tokens=12, temperature=0)
     engine = Engine()
     loaded = engine.load(paths.demo_gguf())
+    entries = fitting_bundled(loaded.hidden_size)
     try:
         active = engine.set_softprompt(entries[0].path) if entries else None
         result = engine.generate("And it came to pass", greedy)

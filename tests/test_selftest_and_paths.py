@@ -89,3 +89,22 @@ def test_the_self_test_says_where_and_in_what_precision_the_model_runs(fake_bund
     assert main(["--self-test"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if "demo model loads" in l)
     assert "on cpu in " in line and ("float32: this CPU has no AMX" in line or "bfloat16: this CPU has AMX" in line)
+
+
+def test_the_gguf_check_uses_a_bundled_soft_prompt_that_fits_the_demo_model(tmp_path, monkeypatch, gguf_model):
+    """The bundle's llama.cpp check (run in a child there; here in-process): the bundled
+    folder also carries soft prompts for SmolLM2 (hidden size 576), first by name; it must
+    take the demo model's own. It failed on the bundle before."""
+    import shutil
+
+    from kobold_desktop.selftest import _gguf_check
+
+    root = tmp_path / "bundle"
+    shutil.copytree(gguf_model["dir"], root / "assets" / "demo-model")
+    shutil.copy(gguf_model["q8_0"], root / "assets" / "demo-model-q8_0.gguf")
+    (root / "softprompts").mkdir()
+    kobold_zip.write(root / "softprompts" / "King James (SmolLM2).zip", torch.randn(5, 576), Metadata(name="King James"))
+    kobold_zip.write(root / "softprompts" / "psalms.zip", torch.randn(6, 64) * 0.3, Metadata(name="Psalms"))
+    monkeypatch.setattr(paths, "bundle_root", lambda: root)
+    detail = _gguf_check()
+    assert "Psalms" in detail and "tokens as transformers in float32" in detail
