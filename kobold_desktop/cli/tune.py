@@ -56,11 +56,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     engine = Engine()
     model = resolve_model(args.model)
     print(f"Loading {model} ...", file=sys.stderr)
-    from kobold_desktop.engine.device import choose_device
+    from kobold_desktop.engine.device import choose_device, training_dtype
 
-    # Gradients want float32 on a CPU (bfloat16 there is for reading, not for learning);
-    # GPUs tune float32 weights under autocast, or float16 weights with loss scaling.
-    dtype = args.dtype or ("float32" if choose_device(args.device).type == "cpu" else None)
+    dtype = training_dtype(choose_device(args.device), args.dtype)
     loaded = engine.load(model, load_options(args, dtype=dtype), trainable=True,
                          say=lambda message: print(message[0].upper() + message[1:], file=sys.stderr))
     loaded.require_transformers("Tuning")

@@ -28,7 +28,7 @@ import torch
 
 import kobold_desktop.engine.kv as kv
 from kobold_desktop.engine.errors import ModelError
-from kobold_desktop.engine.prefix_cache import MIN_SHIFT, PrefixCache, Shift
+from kobold_desktop.engine.prefix_cache import MIN_SHIFT, PrefixCache, Shift, ShiftMatch
 import kobold_desktop.engine.rope as rope
 from kobold_desktop.engine.sequence import Request, Sequence
 
@@ -57,6 +57,18 @@ def usable_shift(shift: Shift, total: int, reused: int) -> Shift | None:
     if shift.keep + length < reused + MIN_SHIFT:
         return None
     return Shift(shift.keep, shift.start, length)
+
+
+def find_shift(prefix_cache: PrefixCache, seq: Sequence, total: int, reused: int) -> tuple[ShiftMatch, Shift] | None:
+    """The stored sequence `seq`'s prompt continues past dropped text, and the shift to
+    use (`usable_shift`), or None. Scoring rows never shift (their stored scores would not
+    match the moved positions), and when a plain prefix leaves too little to run the
+    stored sequences are not searched at all."""
+    if seq.scoring or total - 1 - reused < MIN_SHIFT:
+        return None
+    match = prefix_cache.lookup_shift(seq.softprompt_key, seq.n_soft, seq.prompt_ids)
+    shift = usable_shift(match.shift, total, reused) if match is not None else None
+    return (match, shift) if shift is not None else None
 
 
 def cached_scores(reused: int, n_soft: int) -> int:
@@ -259,10 +271,10 @@ class StepCore(BaseCore):
         if reused == 0:
             cache = None
         seq.shifted = 0
-        if self.rotate is not None and not seq.scoring:
-            match = self.prefix_cache.lookup_shift(seq.softprompt_key, seq.n_soft, seq.prompt_ids)
-            shift = usable_shift(match.shift, total, reused) if match is not None else None
-            if shift is not None and match.cache.layers[0].keys.dtype == self.embed.weight.dtype:
+        found = find_shift(self.prefix_cache, seq, total, reused) if self.rotate is not None else None
+        if found is not None:
+            match, shift = found
+            if match.cache.layers[0].keys.dtype == self.embed.weight.dtype:
                 cache = kv.shifted(match.cache, shift.keep, shift.start, shift.length, self.rotate)
                 reused, seq.shifted = shift.reused, shift.length
         device = self.device

@@ -63,6 +63,15 @@ def cuda_has_native_bf16(device: torch.device | None = None) -> bool:
         return torch.cuda.is_bf16_supported()
 
 
+def training_dtype(device: torch.device, requested: str | None = None) -> str | None:
+    """The precision to train in (a `LoadOptions.dtype`): gradients want float32 on a CPU
+    (bfloat16 there is for reading, not for learning); GPUs tune float32 weights under
+    autocast, or float16 weights with loss scaling, so they choose as for reading (None)."""
+    if requested:
+        return requested
+    return "float32" if device.type == "cpu" else None
+
+
 def choose_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
     """GPUs: bfloat16 where native, else float16. CPUs: bfloat16 with AMX, else float32.
     Apple MPS: float16. `requested` overrides."""

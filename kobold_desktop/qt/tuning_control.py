@@ -74,18 +74,17 @@ class TuningControl(QObject):
         model = self.window.state.model
         if model is None or model.remote or not model.source.lower().endswith(".gguf"):
             return ""
-        import torch
-
-        from kobold_desktop.engine.device import choose_device
+        from kobold_desktop.engine.device import choose_device, dtype_choice, training_dtype
         from kobold_desktop.engine.llamacpp.dequantize import plan
 
-        dtype = torch.float32 if choose_device(None).type == "cpu" else torch.bfloat16
+        device = choose_device(None)
+        dtype = dtype_choice(device, training_dtype(device))[0]  # what the worker's load_trainable will use
         try:
             said = plan(model.source, dtype).describe()
         except (KoboldError, OSError) as exc:
             return f"This GGUF runs on llama.cpp, which cannot train: {exc}"
         return (f"This GGUF runs on llama.cpp, which cannot train. Start reads its weights through transformers: "
-                f"{said[0].lower() + said[1:]}.")
+                f"{said}.")
 
     def start_tuning(self, request: TuneRequest) -> None:
         window = self.window

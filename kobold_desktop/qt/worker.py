@@ -212,7 +212,7 @@ class ModelWorker(QObject):
         """The loaded model's weights to train through: the model itself on transformers; for
         a GGUF, its weights dequantized by transformers (`loader.load_trainable`, cached on
         disk after the first time), loaded once and kept beside it until the model changes."""
-        from kobold_desktop.engine.device import choose_device
+        from kobold_desktop.engine.device import choose_device, training_dtype
         from kobold_desktop.engine.loader import LoadOptions, load_trainable
 
         loaded = self.engine.loaded
@@ -222,8 +222,8 @@ class ModelWorker(QObject):
             loaded.require_transformers(what)  # says why not
         if self._training_copy is None or self._training_copy[0] is not loaded:
             self._drop_training_copy()
-            dtype = "float32" if choose_device(None).type == "cpu" else None  # gradients want float32 on a CPU
-            trainable = load_trainable(loaded.source, LoadOptions(dtype=dtype), self.progress.emit,
+            trainable = load_trainable(loaded.source, LoadOptions(dtype=training_dtype(choose_device(None))),
+                                       self.progress.emit,
                                        lambda message: self.progress.emit(message[0].upper() + message[1:], 0.0))
             self._training_copy = (loaded, trainable)
         return self._training_copy[1]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kobold_desktop.engine.core import BaseCore, cached_scores, reuse_point, score_tokens, usable_shift
+from kobold_desktop.engine.core import BaseCore, cached_scores, find_shift, reuse_point, score_tokens
 from kobold_desktop.engine.errors import ModelError
 from kobold_desktop.engine.llamacpp.model import GgufModel, SeqHandle
 from kobold_desktop.engine.prefix_cache import Shift, ShiftMatch, common_prefix
@@ -105,11 +105,11 @@ class LlamaCore(BaseCore):
         """Context shift: take over the stored sequence `seq` continues past dropped text
         and move its cells; (its seq_id, positions reused) or None."""
         model = self.model
-        if not self.shift or seq.scoring or model.sliding:
+        found = find_shift(model.prefix_cache, seq, total, reused) if self.shift and not model.sliding else None
+        if found is None:
             return None
-        match = model.prefix_cache.lookup_shift(seq.softprompt_key, seq.n_soft, seq.prompt_ids)
-        shift = usable_shift(match.shift, total, reused) if match is not None else None
-        if shift is None or not self._movable(seq, match, shift) or not model.prefix_cache.take(match):
+        match, shift = found
+        if not self._movable(seq, match, shift) or not model.prefix_cache.take(match):
             return None
         model.prefix_cache.drop_sharing(seq.softprompt_key, seq.n_soft, match.ids, shift.start)
         seq_id = match.cache.seq_id

@@ -95,7 +95,7 @@ def count_parameters(path: Path) -> int:
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - the gguf package's errors are its own
-        raise ModelError(f"cannot read the tensors of '{path.name}': {exc}") from exc
+        raise ModelError(f"cannot read the tensors of '{path.name}' (a damaged or truncated file?): {exc}") from exc
     return int(sum(int(t.n_elements) for t in reader.tensors))
 
 
